@@ -1,0 +1,145 @@
+"""Embedded object store: bucket `B`, key `K` is the file `DATA_DIR/B/K`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .errors import ObjectNotFound, StorageError
+from .storage import ObjectInfo, check_key
+
+PAGE_SIZE = 1000
+_TMP_SUFFIX = ".partial"
+
+
+class LocalStore:
+    """An `ObjectStore` on the local file system; writes are atomic (temp file + rename)."""
+
+    def __init__(self, data_dir: Path, bucket: str) -> None:
+        self._root = Path(data_dir) / bucket
+        self._bucket = bucket
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    async def ensure_bucket(self) -> None:
+        try:
+            await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot create {self._root}: {exc.strerror}") from exc
+
+    def _path(self, key: str) -> Path:
+        return self._root / check_key(key)
+
+    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+        # A walk is blocking I/O: run it in a thread a page at a time, keeping key order.
+        keys = await asyncio.to_thread(self._sorted_keys, prefix)
+        for start in range(0, len(keys), PAGE_SIZE):
+            page = await asyncio.to_thread(self._stat_many, keys[start : start + PAGE_SIZE])
+            if page:
+                yield page
+
+    def _sorted_keys(self, prefix: str) -> list[str]:
+        base = self._root
+        top = prefix.rpartition("/")[0]
+        start = base / top if top else base
+        keys: list[str] = []
+        stack = [start]
+        while stack:
+            directory = stack.pop()
+            try:
+                entries = list(os.scandir(directory))
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise StorageError(f"cannot list {directory}: {exc.strerror}") from exc
+            for entry in entries:
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(Path(entry.path))
+                elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(_TMP_SUFFIX):
+                    key = Path(entry.path).relative_to(base).as_posix()
+                    if key.startswith(prefix):
+                        keys.append(key)
+        keys.sort()
+        return keys
+
+    def _stat_many(self, keys: list[str]) -> list[ObjectInfo]:
+        page = []
+        for key in keys:
+            try:
+                page.append(_info(key, os.stat(self._root / key)))
+            except FileNotFoundError:
+                continue  # deleted since the walk
+        return page
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        path = self._path(key)
+        return await asyncio.to_thread(_read, path, key, max_bytes)
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        path = self._path(key)
+        return await asyncio.to_thread(_write_atomic, path, key, data)
+
+    async def stat(self, key: str) -> ObjectInfo:
+        path = self._path(key)
+        try:
+            return _info(key, await asyncio.to_thread(os.stat, path))
+        except FileNotFoundError as exc:
+            raise ObjectNotFound(f"no object {key!r}") from exc
+        except OSError as exc:
+            raise StorageError(f"cannot stat {key!r}: {exc.strerror}") from exc
+
+    async def delete(self, key: str) -> None:
+        path = self._path(key)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {key!r}: {exc.strerror}") from exc
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    async def close(self) -> None:
+        return None
+
+
+def _info(key: str, st: os.stat_result) -> ObjectInfo:
+    # The ETag changes whenever the file is replaced: writes are renames of new files.
+    etag = f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
+    modified = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
+    return ObjectInfo(key=key, etag=etag, size=st.st_size, last_modified=modified)
+
+
+def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        raise ObjectNotFound(f"no object {key!r}") from exc
+    except OSError as exc:
+        raise StorageError(f"cannot read {key!r}: {exc.strerror}") from exc
+
+
+def _write_atomic(path: Path, key: str, data: bytes) -> str:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=_TMP_SUFFIX)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return _info(key, os.stat(path)).etag
+    except OSError as exc:
+        raise StorageError(f"cannot write {key!r}: {exc.strerror}") from exc

@@ -1,0 +1,59 @@
+"""The object-store port: the small async protocol the rest of the service depends on."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+from .errors import InvalidKey
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """One listed object: enough to decide whether it changed without downloading it."""
+
+    key: str
+    etag: str
+    size: int
+    last_modified: datetime  # timezone-aware, UTC
+
+
+class ObjectStore(Protocol):
+    """Bucket-scoped object storage. Every method raises `StorageError` subclasses only."""
+
+    @property
+    def bucket(self) -> str: ...
+
+    async def ensure_bucket(self) -> None:
+        """Create the bucket when it does not exist yet."""
+
+    def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+        """Yield every object under `prefix` (recursively), in pages, ordered by key."""
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        """Return the object's content; at most `max_bytes + 1` bytes are read when given."""
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        """Store `data` under `key` atomically (readers see the old or the new object); return the ETag."""
+
+    async def stat(self, key: str) -> ObjectInfo:
+        """Return the object's metadata; `ObjectNotFound` when it does not exist."""
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; removing a missing object is not an error."""
+
+    async def exists(self, key: str) -> bool:
+        """Whether the object exists."""
+
+    async def close(self) -> None:
+        """Release connections."""
+
+
+def check_key(key: str) -> str:
+    """Return `key` when it is a safe relative object key, else raise `InvalidKey`."""
+    parts = key.split("/")
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
+        raise InvalidKey(f"invalid object key {key[:200]!r}")
+    return key
