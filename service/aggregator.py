@@ -1,0 +1,307 @@
+"""The incremental aggregator: list, diff against the manifest, fetch what changed, derive, commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+import pandas as pd
+
+from . import manifest as mf
+from . import output as out
+from .errors import InvalidKey, ObjectNotFound
+from .keys import Kind
+from .parsing import MAX_CSV_BYTES, Rejected, parse_user_csv
+from .report import Outcome, RejectedFile, RunReport
+from .storage import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where a run is: objects listed so far, CSVs queued for fetching, CSVs fetched."""
+
+    listed: int
+    to_fetch: int
+    fetched: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class RunResult:
+    report: RunReport
+    table: pd.DataFrame  # the committed output, for the snapshot
+
+
+@dataclass
+class _Committed:
+    """The last commit this process made or read: reused while the stored manifest is unchanged."""
+
+    manifest_etag: str
+    manifest: pd.DataFrame
+    header: mf.ManifestHeader
+    output: pd.DataFrame
+
+
+@dataclass
+class _State:
+    manifest: pd.DataFrame
+    header: mf.ManifestHeader | None
+    previous_output: pd.DataFrame
+    seed: pd.DataFrame
+    full_rebuild: bool
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Results:
+    """Parse results of fetched CSVs, as columns."""
+
+    columns: dict[str, list[object]] = field(default_factory=lambda: {c: [] for c in ["key", *mf.RESULT_COLUMNS]})
+    vanished: set[str] = field(default_factory=set)
+
+    def ok(self, key: str, first: str, last: str, birthts: int) -> None:
+        self._add(key, mf.OK, "", True, first, last, birthts)
+
+    def rejected(self, key: str, reason: str) -> None:
+        self._add(key, mf.REJECTED, reason, False, "", "", 0)
+
+    def _add(self, *values: object) -> None:
+        for column, value in zip(self.columns.values(), values, strict=True):
+            column.append(value)
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame(self.columns).astype({c: mf.DTYPES[c] for c in ["key", *mf.RESULT_COLUMNS]})
+
+
+class Aggregator:
+    """Keeps `output_key` equal to the view of the CSVs and images under `src_prefix`."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        *,
+        src_prefix: str,
+        output_key: str,
+        concurrency: int,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self._prefix = src_prefix
+        self.output_key = output_key
+        self.manifest_key = output_key + ".manifest"
+        self._concurrency = concurrency
+        self._clock = clock
+        self._committed: _Committed | None = None
+
+    async def run(self, run_id: int = 0, trigger: str = "manual", progress: ProgressCallback | None = None) -> RunResult:
+        """One run; raises `StorageError` when the store fails (the previous commit stays intact)."""
+        started = self._clock()
+        state = await self._load_state()
+        listing, ignored, results = await self._scan(state.manifest, progress)
+        computed = await asyncio.to_thread(_compute, listing, state, results)
+        report_fields = await self._commit(state, computed)
+        report = RunReport(
+            run_id=run_id,
+            trigger=trigger,
+            started_at=started,
+            finished_at=self._clock(),
+            outcome=Outcome.SUCCEEDED,
+            listed=computed.listed + ignored,
+            fetched=len(results.columns["key"]),
+            ignored=ignored + computed.orphan_images,
+            full_rebuild=state.full_rebuild,
+            warnings=tuple(state.warnings),
+            **report_fields,
+        )
+        return RunResult(report=report, table=computed.output)
+
+    async def _load_state(self) -> _State:
+        warnings: list[str] = []
+        manifest, header = await self._read_manifest(warnings)
+        try:
+            output_etag: str | None = (await self._store.stat(self.output_key)).etag
+        except ObjectNotFound:
+            output_etag = None
+        if manifest is not None and header is not None and output_etag == header.output_etag:
+            cached = self._committed
+            previous = cached.output if cached and cached.header == header else out.derive(manifest)
+            return _State(manifest, header, previous, _empty_seed(), full_rebuild=False)
+        if manifest is not None:
+            warnings.append(f"{self.output_key} does not match the manifest (edited, deleted, or a run "
+                            "stopped between its writes): rebuilding from scratch")
+        elif output_etag is not None and not warnings:
+            warnings.append(f"no manifest beside {self.output_key}: rebuilding from scratch")
+        seed = await self._read_seed(warnings) if output_etag is not None else out.empty_output()
+        for warning in warnings:
+            logger.warning("%s", warning)
+        return _State(mf.empty(), header, seed, seed.set_index("user_id"), full_rebuild=True, warnings=warnings)
+
+    async def _read_manifest(self, warnings: list[str]) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
+        try:
+            etag = (await self._store.stat(self.manifest_key)).etag
+        except ObjectNotFound:
+            return None, None
+        cached = self._committed
+        if cached is not None and cached.manifest_etag == etag:
+            return cached.manifest, cached.header
+        data = await self._store.get(self.manifest_key)
+        try:
+            manifest, header = await asyncio.to_thread(mf.from_bytes, data)
+        except mf.ManifestError as exc:
+            warnings.append(f"manifest {self.manifest_key} is unusable ({exc}): rebuilding from scratch")
+            return None, None
+        self._committed = _Committed(etag, manifest, header, out.derive(manifest))
+        return manifest, header
+
+    async def _read_seed(self, warnings: list[str]) -> pd.DataFrame:
+        """Rows of the existing output, so users whose file is now invalid keep their last valid row."""
+        try:
+            return await asyncio.to_thread(out.from_csv_bytes, await self._store.get(self.output_key))
+        except out.OutputError as exc:
+            warnings.append(f"{self.output_key} is unreadable ({exc}): it will be replaced")
+            return out.empty_output()
+
+    async def _scan(
+        self, previous: pd.DataFrame, progress: ProgressCallback | None
+    ) -> tuple[pd.DataFrame, int, _Results]:
+        """List the prefix and fetch new or changed CSVs as the pages arrive (bounded queue: back-pressure)."""
+        known = previous.set_index("key")["etag"]
+        queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._concurrency * 2)
+        results = _Results()
+        pages: list[pd.DataFrame] = []
+        counts = {"listed": 0, "ignored": 0, "to_fetch": 0}
+        now_ms = int(self._clock().timestamp() * 1000)
+
+        def report_progress() -> None:
+            if progress is not None:
+                progress(Progress(counts["listed"], counts["to_fetch"], len(results.columns["key"])))
+
+        async def produce() -> None:
+            async for page in self._store.list(self._prefix):
+                frame, ignored = mf.listing_frame(page)
+                pages.append(frame)
+                counts["listed"] += len(page)
+                counts["ignored"] += ignored
+                changed = (frame["kind"] == Kind.CSV.value).to_numpy() & (
+                    frame["etag"].to_numpy() != known.reindex(frame["key"]).to_numpy()
+                )
+                too_big = changed & (frame["size"].to_numpy() > MAX_CSV_BYTES)
+                for key in frame["key"].to_numpy()[too_big]:
+                    results.rejected(str(key), f"file is larger than {MAX_CSV_BYTES} bytes (not downloaded)")
+                fetch = frame["key"].to_numpy()[changed & ~too_big]
+                counts["to_fetch"] += int(too_big.sum()) + len(fetch)
+                report_progress()
+                for key in fetch:
+                    await queue.put(str(key))
+            for _ in range(self._concurrency):
+                await queue.put(None)
+
+        async def fetch() -> None:
+            while (key := await queue.get()) is not None:
+                await self._fetch_one(key, now_ms, results)
+                report_progress()
+
+        await _run_all([produce(), *(fetch() for _ in range(self._concurrency))])
+        listing = pd.concat(pages, ignore_index=True) if pages else mf.empty(mf.LISTING_COLUMNS)
+        if results.vanished:
+            listing = listing[~listing["key"].isin(results.vanished)]
+        return listing, counts["ignored"], results
+
+    async def _fetch_one(self, key: str, now_ms: int, results: _Results) -> None:
+        try:
+            data = await self._store.get(key, max_bytes=MAX_CSV_BYTES)
+        except ObjectNotFound:
+            results.vanished.add(key)  # deleted since it was listed
+            return
+        except InvalidKey as exc:
+            results.rejected(key, str(exc))
+            return
+        try:
+            record = parse_user_csv(data, now_ms)
+        except Rejected as exc:
+            results.rejected(key, str(exc))
+            return
+        results.ok(key, record.first_name, record.last_name, record.birthts)
+
+    async def _commit(self, state: _State, computed: _Computed) -> dict[str, object]:
+        """Write the output, then the manifest: a crash in between is detected as a stale manifest."""
+        header = state.header
+        output_changed = state.full_rebuild or header is None or computed.output_changed
+        version = (header.version if header else 0) + (1 if output_changed else 0)
+        if header is not None and not output_changed:
+            output_etag = header.output_etag
+        else:
+            output_etag = await self._store.put(self.output_key, computed.output_bytes(), "text/csv")
+        new_header = mf.ManifestHeader(version=version, output_etag=output_etag)
+        if output_changed or computed.manifest_changed:
+            data = await asyncio.to_thread(mf.to_bytes, computed.manifest, new_header)
+            manifest_etag = await self._store.put(self.manifest_key, data, "text/csv")
+        else:
+            manifest_etag = self._committed.manifest_etag if self._committed else ""
+        self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
+        changes = computed.changes
+        return {
+            "added": changes.added, "updated": changes.updated, "removed": changes.removed,
+            "unchanged": changes.unchanged, "users": len(computed.output),
+            "images": int((computed.output["img_path"] != "").sum()), "output_version": version,
+            "output_written": output_changed, "rejected": computed.rejected, "conflicts": computed.conflicts,
+        }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Computed:
+    manifest: pd.DataFrame
+    output: pd.DataFrame
+    changes: out.Changes
+    manifest_changed: bool
+    output_changed: bool
+    listed: int
+    orphan_images: int
+    rejected: tuple[RejectedFile, ...]
+    conflicts: tuple[out.Conflict, ...]
+
+    def output_bytes(self) -> bytes:
+        return out.to_csv_bytes(self.output)
+
+
+def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Computed:
+    """The pure, CPU-bound part of a run (called in a worker thread)."""
+    manifest = mf.merge(listing, state.manifest, results.frame(), state.seed)
+    output = out.derive(manifest)
+    images = manifest[manifest["kind"] == Kind.IMAGE.value]
+    rejected = manifest[manifest["status"] == mf.REJECTED]
+    return _Computed(
+        manifest=manifest,
+        output=output,
+        changes=out.compare(state.previous_output, output),
+        manifest_changed=not manifest.equals(state.manifest),
+        output_changed=not output.equals(state.previous_output),
+        listed=len(listing),
+        orphan_images=int((~images["user_id"].isin(output["user_id"])).sum()),
+        rejected=tuple(RejectedFile(k, r) for k, r in zip(rejected["key"], rejected["reason"], strict=True)),
+        conflicts=tuple(out.conflicts(manifest)),
+    )
+
+
+def _empty_seed() -> pd.DataFrame:
+    return out.empty_output().set_index("user_id")
+
+
+async def _run_all(coroutines: list[Coroutine[object, object, None]]) -> None:
+    """Run tasks together; the first failure cancels the rest and propagates."""
+    tasks = [asyncio.ensure_future(c) for c in coroutines]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+

@@ -1,0 +1,129 @@
+"""Settings: read once from the environment, typed, validated, failing fast with the variable's name."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cronsim import CronSim, CronSimError
+
+from .errors import ConfigError
+
+DEFAULT_FETCH_CONCURRENCY = 64
+_ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?$")
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable. Secrets are excluded from `repr`."""
+
+    minio_endpoint: str | None = None
+    minio_access_key: str | None = field(default=None, repr=False)
+    minio_secret_key: str | None = field(default=None, repr=False)
+    minio_secure: bool = False
+    data_dir: Path = Path("data")
+    bucket: str = "datalake"
+    src_prefix: str = "src-data/"
+    output_key: str = "processed_data/output.csv"
+    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
+    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
+    port: int = 8080
+    schedule: str = "*/5 * * * *"
+    api_token: str | None = field(default=None, repr=False)
+    max_page_size: int = 10_000
+
+    @property
+    def uses_minio(self) -> bool:
+        return self.minio_endpoint is not None
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from `env` (default: the process environment); `ConfigError` names a bad variable."""
+    env = os.environ if env is None else env
+    endpoint = _text(env, "MINIO_ENDPOINT")
+    if endpoint is not None and not _ENDPOINT.match(endpoint):
+        raise ConfigError(f"MINIO_ENDPOINT must be host:port without a scheme, got {endpoint!r}")
+    access, secret = _text(env, "MINIO_ACCESS_KEY"), _text(env, "MINIO_SECRET_KEY")
+    if endpoint is not None and (access is None or secret is None):
+        raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
+    return Settings(
+        minio_endpoint=endpoint,
+        minio_access_key=access,
+        minio_secret_key=secret,
+        minio_secure=_bool(env, "MINIO_SECURE", default=False),
+        data_dir=Path(_text(env, "DATA_DIR") or "data"),
+        bucket=_bucket(env),
+        src_prefix=_prefix(env),
+        output_key=_output_key(env),
+        fetch_concurrency=_int(env, "FETCH_CONCURRENCY", DEFAULT_FETCH_CONCURRENCY, 1, 1024),
+        host=_text(env, "HOST") or "0.0.0.0",  # noqa: S104
+        port=_int(env, "PORT", 8080, 0, 65535),
+        schedule=_schedule(env),
+        api_token=_text(env, "API_TOKEN"),
+        max_page_size=_int(env, "MAX_PAGE_SIZE", 10_000, 1, 1_000_000),
+    )
+
+
+def _text(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name, "").strip()
+    return value or None
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = _text(env, name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not low <= value <= high:
+        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    if raw.strip().lower() in _TRUE:
+        return True
+    if raw.strip().lower() in _FALSE:
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def _bucket(env: Mapping[str, str]) -> str:
+    bucket = _text(env, "BUCKET") or "datalake"
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
+        raise ConfigError(f"BUCKET must be a valid S3 bucket name (3-63 of a-z 0-9 . -), got {bucket!r}")
+    return bucket
+
+
+def _prefix(env: Mapping[str, str]) -> str:
+    prefix = _text(env, "SRC_PREFIX") or "src-data/"
+    if prefix.startswith("/") or ".." in prefix.split("/"):
+        raise ConfigError(f"SRC_PREFIX must be a relative key prefix, got {prefix!r}")
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def _output_key(env: Mapping[str, str]) -> str:
+    key = _text(env, "OUTPUT_KEY") or "processed_data/output.csv"
+    if key.startswith("/") or key.endswith("/") or ".." in key.split("/"):
+        raise ConfigError(f"OUTPUT_KEY must be an object key, got {key!r}")
+    return key
+
+
+def _schedule(env: Mapping[str, str]) -> str:
+    schedule = _text(env, "SCHEDULE") or "*/5 * * * *"
+    try:
+        CronSim(schedule, datetime.now(UTC))  # aiocron's own parser
+    except CronSimError as exc:
+        raise ConfigError(f"SCHEDULE is not a valid cron expression: {schedule!r} ({exc})") from None
+    return schedule

@@ -1,0 +1,99 @@
+"""The output table: derived from the manifest, compared between runs, (de)serialized as CSV."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import pandas as pd
+
+from .keys import Kind
+
+OUTPUT_COLUMNS = ["user_id", "first_name", "last_name", "birthts", "img_path"]
+_DTYPES = {"user_id": "str", "first_name": "str", "last_name": "str", "birthts": "int64", "img_path": "str"}
+
+
+class OutputError(ValueError):
+    """A stored output.csv that is not in the expected format."""
+
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Several source files claim one user: the most recently modified one wins."""
+
+    user_id: str
+    kind: str
+    keys: tuple[str, ...]
+    winner: str
+
+
+def empty_output() -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series([], dtype=dtype) for name, dtype in _DTYPES.items()})
+
+
+def derive(manifest: pd.DataFrame) -> pd.DataFrame:
+    """One row per user with a valid CSV (the newest wins), its newest image's key, ordered by user_id."""
+    csvs = _winners(manifest[(manifest["kind"] == Kind.CSV.value) & manifest["has_row"]])
+    images = _winners(manifest[manifest["kind"] == Kind.IMAGE.value])
+    img_path = images.set_index("user_id")["key"]
+    out = csvs[["user_id", "first_name", "last_name", "birthts"]].copy()
+    out["img_path"] = out["user_id"].map(img_path).fillna("")
+    return out.sort_values("user_id", kind="stable").reset_index(drop=True).astype(_DTYPES)
+
+
+def _winners(frame: pd.DataFrame) -> pd.DataFrame:
+    ordered = frame.sort_values(["user_id", "mtime", "key"], kind="stable")
+    return ordered.drop_duplicates("user_id", keep="last")
+
+
+def conflicts(manifest: pd.DataFrame) -> list[Conflict]:
+    """Users claimed by more than one CSV (or more than one image)."""
+    claimed = manifest[manifest["user_id"].duplicated(keep=False)]
+    found = []
+    for (user_id, kind), group in claimed.groupby(["user_id", "kind"], sort=True):
+        if len(group) > 1:
+            ordered = group.sort_values(["mtime", "key"])
+            eligible = ordered[ordered["has_row"]] if kind == Kind.CSV.value else ordered
+            winner = str(eligible["key"].iloc[-1]) if len(eligible) else ""
+            found.append(Conflict(str(user_id), str(kind), tuple(ordered["key"]), winner))
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    added: int
+    updated: int
+    removed: int
+    unchanged: int
+
+
+def compare(old: pd.DataFrame, new: pd.DataFrame) -> Changes:
+    """Row-level differences between two outputs, keyed by user_id."""
+    old_i, new_i = old.set_index("user_id"), new.set_index("user_id")
+    common = old_i.index.intersection(new_i.index)
+    columns = OUTPUT_COLUMNS[1:]
+    same = (old_i.loc[common, columns] == new_i.loc[common, columns]).all(axis=1)
+    return Changes(
+        added=len(new_i.index.difference(old_i.index)),
+        updated=int((~same).sum()),
+        removed=len(old_i.index.difference(new_i.index)),
+        unchanged=int(same.sum()),
+    )
+
+
+def to_csv_bytes(table: pd.DataFrame) -> bytes:
+    return table[OUTPUT_COLUMNS].to_csv(index=False, lineterminator="\n").encode()
+
+
+def from_csv_bytes(data: bytes) -> pd.DataFrame:
+    """Parse a stored output.csv; `OutputError` when its header or values are not as written."""
+    first_line = data.partition(b"\n")[0].rstrip(b"\r")
+    if first_line != ",".join(OUTPUT_COLUMNS).encode():
+        raise OutputError(f"unexpected output header {first_line[:200]!r}")
+    try:
+        table = pd.read_csv(io.BytesIO(data), dtype=_DTYPES, keep_default_na=False, na_filter=False)
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise OutputError(f"unreadable output: {exc}") from exc
+    if table["user_id"].duplicated().any():
+        raise OutputError("output has duplicate user_id rows")
+    return table

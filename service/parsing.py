@@ -1,0 +1,89 @@
+"""Parsing and validating one user CSV: pure, no I/O."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+
+MAX_CSV_BYTES = 1024 * 1024
+REQUIRED_COLUMNS = ("first_name", "last_name", "birthts")
+# Earliest accepted birth date, 1800-01-01T00:00:00Z: older values are typos, not people.
+MIN_BIRTHTS = -5_364_662_400_000
+_INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    first_name: str
+    last_name: str
+    birthts: int
+
+
+class Rejected(ValueError):
+    """The file breaks an input rule; the message is the human-readable reason."""
+
+
+def parse_user_csv(data: bytes, now_ms: int) -> UserRecord:
+    """Parse one `<user_id>.csv`: a header naming the required columns and exactly one data row."""
+    if len(data) > MAX_CSV_BYTES:
+        raise Rejected(f"file is larger than {MAX_CSV_BYTES} bytes")
+    rows = _rows(_decode(data))
+    if not rows:
+        raise Rejected("file is empty")
+    header, body = rows[0], rows[1:]
+    positions = _column_positions(header)
+    if not body:
+        raise Rejected("no data row after the header")
+    if len(body) > 1:
+        raise Rejected(f"{len(body)} data rows, expected exactly one")
+    row = body[0]
+    if len(row) < len(header):
+        raise Rejected(f"the data row has {len(row)} fields, the header has {len(header)}")
+    first, last, birth = (row[positions[name]] for name in REQUIRED_COLUMNS)
+    for name, value in (("first_name", first), ("last_name", last)):
+        if not value:
+            raise Rejected(f"{name} is empty")
+    return UserRecord(first_name=first, last_name=last, birthts=_birthts(birth, now_ms))
+
+
+def _decode(data: bytes) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise Rejected(f"not valid UTF-8 (byte {exc.start})") from None
+
+
+def _rows(text: str) -> list[list[str]]:
+    if "\x00" in text:
+        raise Rejected("contains NUL bytes (binary file?)")
+    try:
+        parsed = list(csv.reader(io.StringIO(text, newline=""), skipinitialspace=True, strict=True))
+    except csv.Error as exc:
+        raise Rejected(f"malformed CSV: {exc}") from None
+    rows = [[cell.strip() for cell in row] for row in parsed]
+    return [row for row in rows if any(row)]
+
+
+def _column_positions(header: list[str]) -> dict[str, int]:
+    names = [name.lower() for name in header]
+    missing = [name for name in REQUIRED_COLUMNS if name not in names]
+    if missing:
+        shown = ", ".join(header)[:200]
+        raise Rejected(f"header lacks {', '.join(missing)} (found: {shown})")
+    duplicated = sorted({name for name in REQUIRED_COLUMNS if names.count(name) > 1})
+    if duplicated:
+        raise Rejected(f"header repeats {', '.join(duplicated)}")
+    return {name: names.index(name) for name in REQUIRED_COLUMNS}
+
+
+def _birthts(value: str, now_ms: int) -> int:
+    if not _INTEGER.match(value):
+        raise Rejected(f"birthts is not an integer: {value[:50]!r}")
+    birthts = int(value)
+    if birthts > now_ms:
+        raise Rejected(f"birthts {birthts} is in the future")
+    if birthts < MIN_BIRTHTS:
+        raise Rejected(f"birthts {birthts} is before 1800-01-01")
+    return birthts
