@@ -122,6 +122,16 @@ class Aggregator:
         )
         return RunResult(report=report, table=computed.output)
 
+    async def load_committed(self) -> tuple[pd.DataFrame, int] | None:
+        """The stored output and its version (0 when no manifest vouches for it); None when there is none."""
+        try:
+            data = await self._store.get(self.output_key)
+        except ObjectNotFound:
+            return None
+        table = await asyncio.to_thread(out.from_csv_bytes, data)
+        manifest, header = await self._read_manifest([])
+        return table, header.version if header is not None else 0
+
     async def _load_state(self) -> _State:
         warnings: list[str] = []
         manifest, header = await self._read_manifest(warnings)

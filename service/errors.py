@@ -21,3 +21,15 @@ class ObjectNotFound(StorageError):
 
 class InvalidKey(StorageError):
     """An object key that the store refuses (empty, absolute, or with `..` segments)."""
+
+
+class BadRequest(ServiceError):
+    """A client sent an invalid argument; the message names it and is safe to show."""
+
+
+class NotReady(ServiceError):
+    """No snapshot is loaded yet (the store has not been reachable since start-up)."""
+
+
+class Unauthorized(ServiceError):
+    """A protected operation was called without the right bearer token."""

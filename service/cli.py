@@ -1,0 +1,152 @@
+"""Command line: process, demo-data, serve, schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from .aggregator import Aggregator, Progress
+from .config import Settings, load_settings
+from .demo import write_demo_data
+from .errors import ConfigError, ServiceError
+from .report import RunReport
+from .stores import open_store
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+        return int(args.handler(settings, args))
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+    process = commands.add_parser("process", help="run one aggregation and print its report")
+    process.add_argument("--json", action="store_true", help="print the report as JSON")
+    process.set_defaults(handler=_process)
+    demo = commands.add_parser("demo-data", help="write a synthetic source dataset into the store")
+    demo.add_argument("--users", type=int, required=True)
+    demo.add_argument("--image-ratio", type=float, default=0.7)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--with-bad-files", action="store_true")
+    demo.set_defaults(handler=_demo)
+    serve = commands.add_parser("serve", help="serve GraphQL and REST, aggregating on the schedule")
+    serve.set_defaults(handler=_serve)
+    schema = commands.add_parser("schema", help="print the GraphQL schema (SDL)")
+    schema.set_defaults(handler=_schema)
+    return parser
+
+
+def _process(settings: Settings, args: argparse.Namespace) -> int:
+    report = asyncio.run(_run_once(settings, _ProgressLine(sys.stderr)))
+    print(json.dumps(report.to_json(), indent=2) if args.json else format_report(report))
+    return 0
+
+
+async def _run_once(settings: Settings, progress: _ProgressLine) -> RunReport:
+    store = open_store(settings)
+    try:
+        await store.ensure_bucket()
+        aggregator = Aggregator(
+            store, src_prefix=settings.src_prefix, output_key=settings.output_key,
+            concurrency=settings.fetch_concurrency,
+        )  # fmt: skip
+        result = await aggregator.run(trigger="cli", progress=progress)
+        return result.report
+    finally:
+        progress.close()
+        await store.close()
+
+
+class _ProgressLine:
+    """A one-line progress display on a terminal; silent in pipes."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+        self._enabled = stream.isatty()
+        self._last = -1.0
+
+    def __call__(self, progress: Progress) -> None:
+        if not self._enabled:
+            return
+        now = asyncio.get_running_loop().time()
+        if now - self._last < 0.1:
+            return
+        self._last = now
+        self._stream.write(f"\rlisted {progress.listed:,}  fetched {progress.fetched:,}/{progress.to_fetch:,}")
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._enabled and self._last >= 0:
+            self._stream.write("\n")
+
+
+def format_report(report: RunReport) -> str:
+    lines = [
+        f"run {report.outcome.value} in {report.duration_seconds:.2f}s (output version {report.output_version}"
+        f"{', written' if report.output_written else ', unchanged'}{', full rebuild' if report.full_rebuild else ''})",
+        f"listed {report.listed}, fetched {report.fetched}, ignored {report.ignored}",
+        f"users {report.users} (with image {report.images}): added {report.added}, updated {report.updated}, "
+        f"removed {report.removed}, unchanged {report.unchanged}",
+    ]
+    lines += [f"warning: {warning}" for warning in report.warnings]
+    lines.append(f"rejected files: {len(report.rejected)}")
+    lines += [f"  {rejected.key}: {rejected.reason}" for rejected in report.rejected]
+    if report.conflicts:
+        lines.append(f"conflicts: {len(report.conflicts)}")
+        lines += [f"  user {c.user_id} ({c.kind}): {', '.join(c.keys)} -> {c.winner or 'none valid'}" for c in report.conflicts]
+    return "\n".join(lines)
+
+
+def _demo(settings: Settings, args: argparse.Namespace) -> int:
+    if args.users < 0 or not 0 <= args.image_ratio <= 1:
+        raise ConfigError("--users must be >= 0 and --image-ratio between 0 and 1")
+    store = open_store(settings)
+
+    async def write() -> None:
+        try:
+            summary = await write_demo_data(
+                store, settings.src_prefix, users=args.users, image_ratio=args.image_ratio, seed=args.seed,
+                with_bad_files=args.with_bad_files, concurrency=settings.fetch_concurrency,
+            )  # fmt: skip
+        finally:
+            await store.close()
+        print(f"wrote {summary.users} users ({summary.images} images, {summary.bad_files} bad files) "
+              f"under {settings.bucket}/{settings.src_prefix}")  # fmt: skip
+
+    asyncio.run(write())
+    return 0
+
+
+def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from .app import create_app
+
+    shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    print(f"GraphiQL: http://{shown}:{settings.port}/graphql   REST: /data /stats", flush=True)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    return 0
+
+
+def _schema(settings: Settings, args: argparse.Namespace) -> int:
+    from .schema import build_schema
+
+    print(build_schema().as_str())
+    return 0

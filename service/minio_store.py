@@ -1,0 +1,254 @@
+"""S3 object store through miniopy-async: explicit timeouts, bounded retries, project errors only."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TypeVar
+
+import aiohttp
+from miniopy_async.api import Minio
+from miniopy_async.datatypes import Object
+from miniopy_async.error import InvalidResponseError, MinioException, S3Error, ServerError
+from miniopy_async.helpers import check_bucket_name
+
+from .errors import ObjectNotFound, StorageError
+from .storage import ObjectInfo, check_key
+
+T = TypeVar("T")
+
+PAGE_SIZE = 1000  # the SDK's max-keys: one yielded page per listing request
+_BACKOFF_FIRST = 0.1  # seconds before the first retry; doubles each time
+_BACKOFF_MAX = 5.0
+_NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject"})
+_BUCKET_TAKEN = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+# Connection failures, timeouts and broken bodies may succeed on a new attempt; 4xx never do.
+_TRANSIENT = (ConnectionError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
+_SDK_ERRORS = (MinioException, aiohttp.ClientError, OSError)
+
+
+class MinioStore:
+    """An `ObjectStore` on one bucket of an S3 server (MinIO in production, SeaweedFS in tests)."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        *,
+        secure: bool = False,
+        timeout: float = 30.0,
+        retries: int = 3,
+    ) -> None:
+        if timeout <= 0 or retries < 0:
+            raise ValueError("timeout must be positive and retries not negative")
+        self._endpoint = endpoint
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._bucket = bucket
+        self._timeout = timeout
+        self._retries = retries
+        self._session: aiohttp.ClientSession | None = None
+        try:
+            check_bucket_name(bucket)
+            self._minio = Minio(endpoint, access_key, secret_key, secure=secure)
+        except ValueError as exc:
+            raise StorageError(f"invalid S3 endpoint {endpoint!r} or bucket {bucket!r}: {exc}") from exc
+
+    def __repr__(self) -> str:
+        # Never the secret key: reprs end up in logs and tracebacks.
+        where = f"endpoint={self._endpoint!r}, bucket={self._bucket!r}"
+        return f"MinioStore({where}, access_key={self._access_key!r})"
+
+    @property
+    def bucket(self) -> str:
+        return self._bucket
+
+    def _client(self) -> Minio:
+        # The session belongs to the running loop, so it is made on first use, not in __init__.
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(
+                total=self._timeout, sock_connect=self._timeout, sock_read=self._timeout
+            )
+            self._session = aiohttp.ClientSession(timeout=timeout)
+            self._minio.set_session(self._session)
+        return self._minio
+
+    async def close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    # -- operations ------------------------------------------------------------------------
+
+    async def ensure_bucket(self) -> None:
+        await self._call("create bucket", None, self._ensure_bucket_once)
+
+    async def _ensure_bucket_once(self) -> None:
+        client = self._client()
+        if await client.bucket_exists(self._bucket):
+            return
+        try:
+            await client.make_bucket(self._bucket)
+        except S3Error as exc:
+            if exc.code not in _BUCKET_TAKEN:  # created meanwhile by another process: fine
+                raise
+
+    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+        # The SDK pages internally (max-keys 1000); after a transient error mid-listing the
+        # listing resumes after the last key seen instead of starting over.
+        after: str | None = None
+        page: list[ObjectInfo] = []
+        failures = 0
+        while True:
+            try:
+                async for obj in self._client().list_objects(
+                    self._bucket, prefix=prefix, recursive=True, start_after=after
+                ):
+                    after, failures = obj.object_name, 0
+                    if (info := _listed_info(obj)) is not None:
+                        page.append(info)
+                    if len(page) == PAGE_SIZE:
+                        yield page
+                        page = []
+                break
+            except _SDK_ERRORS as exc:
+                failures += 1
+                await self._retry_or_raise("list", prefix, exc, failures)
+        if page:
+            yield page
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        check_key(key)
+        return await self._call("get", key, lambda: self._get_once(key, max_bytes))
+
+    async def _get_once(self, key: str, max_bytes: int | None) -> bytes:
+        limit = None if max_bytes is None else max_bytes + 1
+        try:
+            # A ranged GET: the server sends at most `limit` bytes.
+            response = await self._client().get_object(self._bucket, key, length=limit or 0)
+        except S3Error as exc:
+            if exc.code == "InvalidRange":  # any range of an empty object is unsatisfiable
+                return b""
+            raise
+        try:
+            return await _read_at_most(response, limit)
+        finally:
+            response.release()
+
+    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+        check_key(key)
+
+        async def put_once() -> str:
+            result = await self._client().put_object(
+                self._bucket, key, io.BytesIO(data), len(data), content_type=content_type
+            )
+            return _unquote(result.etag)
+
+        return await self._call("put", key, put_once)
+
+    async def stat(self, key: str) -> ObjectInfo:
+        check_key(key)
+        obj = await self._call("stat", key, lambda: self._client().stat_object(self._bucket, key))
+        return _info(key, obj)
+
+    async def delete(self, key: str) -> None:
+        check_key(key)
+        try:
+            await self._call("delete", key, lambda: self._client().remove_object(self._bucket, key))
+        except ObjectNotFound:
+            return
+
+    async def exists(self, key: str) -> bool:
+        try:
+            await self.stat(key)
+        except ObjectNotFound:
+            return False
+        return True
+
+    # -- retries and errors ----------------------------------------------------------------
+
+    async def _call(self, op: str, key: str | None, action: Callable[[], Awaitable[T]]) -> T:
+        failures = 0
+        while True:
+            try:
+                return await action()
+            except _SDK_ERRORS as exc:
+                failures += 1
+                await self._retry_or_raise(op, key, exc, failures)
+
+    async def _retry_or_raise(self, op: str, key: str | None, exc: Exception, failures: int) -> None:
+        """Sleep before the next attempt, or raise the project error for `exc` when done."""
+        if failures > self._retries or not _is_transient(exc):
+            raise self._error(op, key, exc, failures) from exc
+        delay = min(_BACKOFF_FIRST * 2 ** (failures - 1), _BACKOFF_MAX)
+        await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+
+    def _error(self, op: str, key: str | None, exc: Exception, attempts: int) -> StorageError:
+        target = f"bucket {self._bucket!r}" if key is None else f"{key!r} in bucket {self._bucket!r}"
+        tries = f" after {attempts} attempts" if attempts > 1 else ""
+        message = f"{op} {target} on {self._endpoint} failed{tries}: {self._describe(exc)}"
+        if self._secret_key:
+            message = message.replace(self._secret_key, "***")
+        not_found = isinstance(exc, S3Error) and exc.code in _NOT_FOUND
+        return ObjectNotFound(message) if not_found else StorageError(message)
+
+    def _describe(self, exc: Exception) -> str:
+        if isinstance(exc, S3Error):
+            return f"{exc.code}: {exc.message}"
+        if isinstance(exc, ServerError):
+            return f"HTTP status {exc.status_code}"
+        if isinstance(exc, TimeoutError):
+            return f"timed out ({self._timeout:g}s)"
+        if isinstance(exc, InvalidResponseError):
+            return f"unexpected response: {str(exc)[:300]}"
+        return f"{type(exc).__name__}: {exc}"
+
+
+def _is_transient(exc: Exception) -> bool:
+    if isinstance(exc, S3Error):
+        return exc.response.status >= 500
+    if isinstance(exc, ServerError):
+        return exc.status_code >= 500
+    if isinstance(exc, InvalidResponseError):
+        return int(getattr(exc, "_code", 0)) >= 500
+    return isinstance(exc, _TRANSIENT)
+
+
+async def _read_at_most(response: aiohttp.ClientResponse, limit: int | None) -> bytes:
+    """The body, or its first `limit` bytes (a server may ignore the Range header)."""
+    if limit is None:
+        return await response.read()
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0 and (chunk := await response.content.read(remaining)):
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
+def _unquote(etag: str | None) -> str:
+    return (etag or "").strip('"')
+
+
+def _listed_info(obj: Object) -> ObjectInfo | None:
+    """The object's info, or None for a "directory" entry (a key ending in '/')."""
+    name = obj.object_name
+    if obj.is_dir or name is None or name.endswith("/"):
+        return None
+    return _info(name, obj)
+
+
+def _info(key: str, obj: Object) -> ObjectInfo:
+    modified = obj.last_modified
+    if modified is None or obj.size is None:
+        raise StorageError(f"incomplete metadata for {key!r} (no size or last-modified)")
+    return ObjectInfo(key=key, etag=_unquote(obj.etag), size=obj.size, last_modified=_utc(modified))
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)

@@ -1,0 +1,100 @@
+"""Queries over a snapshot: pure functions shared by GraphQL and REST."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import numpy as np
+
+from .errors import BadRequest
+from .snapshot import IntArray, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class UserFilter:
+    """All optional, combined with AND; age bounds are inclusive."""
+
+    has_image: bool | None = None
+    min_age: int | None = None
+    max_age: int | None = None
+
+    def validate(self, names: tuple[str, str] = ("minAge", "maxAge")) -> UserFilter:
+        for name, value in zip(names, (self.min_age, self.max_age), strict=True):
+            if value is not None and not 0 <= value <= 1000:
+                raise BadRequest(f"{name} must be between 0 and 1000, got {value}")
+        if self.min_age is not None and self.max_age is not None and self.min_age > self.max_age:
+            raise BadRequest(f"{names[0]} ({self.min_age}) is greater than {names[1]} ({self.max_age})")
+        return self
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    user_id: str
+    first_name: str
+    last_name: str
+    birthts: int
+    img_path: str
+    age: int
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    count: int
+    average_age: float | None
+    min_age: int | None
+    max_age: int | None
+    with_image: int
+    without_image: int
+
+
+def today_utc() -> date:
+    return datetime.now(UTC).date()
+
+
+def select(snapshot: Snapshot, flt: UserFilter, today: date) -> IntArray:
+    """Positions (in user_id order) of the rows matching `flt`."""
+    ages = snapshot.ages(today)
+    mask = np.ones(len(snapshot), dtype=bool)
+    if flt.has_image is not None:
+        mask &= snapshot.has_image == flt.has_image
+    if flt.min_age is not None:
+        mask &= ages >= flt.min_age
+    if flt.max_age is not None:
+        mask &= ages <= flt.max_age
+    return np.flatnonzero(mask)
+
+
+def users(snapshot: Snapshot, positions: IntArray, today: date) -> list[UserRow]:
+    table, ages = snapshot.table, snapshot.ages(today)
+    first, last, img = (table[c].to_numpy()[positions] for c in ("first_name", "last_name", "img_path"))
+    return [
+        UserRow(str(u), str(f), str(ln), int(b), str(i), int(a))
+        for u, f, ln, b, i, a in zip(
+            snapshot.user_ids[positions], first, last, snapshot.birthts[positions], img, ages[positions],
+            strict=True,
+        )
+    ]
+
+
+def user(snapshot: Snapshot, user_id: str, today: date) -> UserRow | None:
+    position = snapshot.position(user_id)
+    if position is None:
+        return None
+    return users(snapshot, np.array([position], dtype=np.int64), today)[0]
+
+
+def stats(snapshot: Snapshot, flt: UserFilter, today: date) -> Stats:
+    positions = select(snapshot, flt, today)
+    ages = snapshot.ages(today)[positions]
+    with_image = int(snapshot.has_image[positions].sum())
+    if not len(ages):
+        return Stats(0, None, None, None, 0, 0)
+    return Stats(
+        count=len(ages),
+        average_age=float(ages.mean()),
+        min_age=int(ages.min()),
+        max_age=int(ages.max()),
+        with_image=with_image,
+        without_image=len(ages) - with_image,
+    )

@@ -1,0 +1,101 @@
+"""The original task's REST endpoints, answered by the same query functions as GraphQL."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from . import query
+from .errors import BadRequest
+from .keys import IMAGE_EXTENSIONS
+from .report import Outcome
+from .state import ServiceState
+
+STATE = web.AppKey("state", ServiceState)
+_FILTER_PARAMS = frozenset({"is_image_exists", "min_age", "max_age"})
+_TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "0"})
+_CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+
+
+def parse_filter(params: Mapping[str, str]) -> query.UserFilter:
+    """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one."""
+    unknown = sorted(set(params) - _FILTER_PARAMS)
+    if unknown:
+        raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})")
+    return query.UserFilter(
+        has_image=_bool(params, "is_image_exists"), min_age=_age(params, "min_age"), max_age=_age(params, "max_age")
+    ).validate(("min_age", "max_age"))
+
+
+def _bool(params: Mapping[str, str], name: str) -> bool | None:
+    if name not in params:
+        return None
+    value = params[name]
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise BadRequest(f"{name} must be true or false (or 1/0), got {value[:50]!r}")
+
+
+def _age(params: Mapping[str, str], name: str) -> int | None:
+    if name not in params:
+        return None
+    value = params[name]
+    if not value.isascii() or not value.isdigit() or len(value) > 4:
+        raise BadRequest(f"{name} must be a non-negative integer, got {value[:50]!r}")
+    return int(value)
+
+
+async def get_data(request: web.Request) -> web.Response:
+    state, today = request.app[STATE], query.today_utc()
+    snapshot = state.current()
+    positions = query.select(snapshot, parse_filter(request.query), today)
+    rows = snapshot.table.iloc[positions]
+    records: list[dict[str, Any]] = rows.to_dict("records")
+    return web.json_response(records)
+
+
+async def post_data(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    state.authorize(request.headers.get("Authorization"))
+    report = await state.runner.run("rest")
+    status = 200 if report.outcome is Outcome.SUCCEEDED else 502
+    return web.json_response(report.to_json(), status=status)
+
+
+async def get_stats(request: web.Request) -> web.Response:
+    result = query.stats(request.app[STATE].current(), parse_filter(request.query), query.today_utc())
+    return web.json_response(
+        {
+            "count": result.count,
+            "average_age": result.average_age,
+            "youngest_age": result.min_age,
+            "oldest_age": result.max_age,
+            "with_image": result.with_image,
+            "without_image": result.without_image,
+        }
+    )
+
+
+async def get_image(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    snapshot = state.current()
+    user_id = request.match_info["user_id"]
+    position = snapshot.position(user_id)
+    key = str(snapshot.table["img_path"].iat[position]) if position is not None else ""
+    extension = key.rpartition(".")[2].lower()
+    # Only keys the aggregator took from the source listing are served: nothing outside the prefix.
+    if not key or not key.startswith(state.settings.src_prefix) or extension not in IMAGE_EXTENSIONS:
+        raise web.HTTPNotFound(text=f'{{"error": "no image for user {user_id[:100]}"}}', content_type="application/json")
+    data = await state.store.get(key)
+    return web.Response(body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"})
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/data", get_data)
+    app.router.add_post("/data", post_data)
+    app.router.add_get("/stats", get_stats)
+    app.router.add_get("/images/{user_id}", get_image)

@@ -1,0 +1,115 @@
+"""Exactly one aggregation at a time; triggers during a run coalesce into one follow-up run."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from .aggregator import Aggregator, ProgressCallback, RunResult
+from .errors import ServiceError, StorageError
+from .report import Outcome, RunReport
+
+logger = logging.getLogger(__name__)
+
+
+class RunnerClosed(ServiceError):
+    """The service is shutting down; no more runs."""
+
+
+class Runner:
+    """Serialises runs. `run(trigger)` returns the report of a run that started after the call."""
+
+    def __init__(
+        self,
+        aggregator: Aggregator,
+        on_commit: Callable[[RunResult], None],
+        *,
+        history: int = 50,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self._aggregator = aggregator
+        self._on_commit = on_commit
+        self._progress = progress
+        self._pending: asyncio.Future[RunReport] | None = None
+        self._pending_trigger = ""
+        self._loop_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._next_id = 1
+        self.history: deque[RunReport] = deque(maxlen=history)
+        self.running = False
+
+    @property
+    def last_report(self) -> RunReport | None:
+        return self.history[-1] if self.history else None
+
+    async def run(self, trigger: str) -> RunReport:
+        """Request a run and wait for its report; callers during a run share the next one."""
+        if self._closed:
+            raise RunnerClosed("the service is shutting down")
+        if self._pending is None:
+            self._pending = asyncio.get_running_loop().create_future()
+            self._pending_trigger = trigger
+        pending = self._pending
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop(), name="aggregation-runner")
+        return await asyncio.shield(pending)
+
+    async def _loop(self) -> None:
+        while self._pending is not None:
+            pending, trigger = self._pending, self._pending_trigger
+            self._pending = None
+            try:
+                report = await self._execute(trigger)
+            except asyncio.CancelledError:
+                pending.set_exception(RunnerClosed("the run was cancelled by shutdown"))
+                raise
+            pending.set_result(report)
+
+    async def _execute(self, trigger: str) -> RunReport:
+        run_id, self._next_id = self._next_id, self._next_id + 1
+        started = datetime.now(UTC)
+        self.running = True
+        try:
+            result = await self._aggregator.run(run_id, trigger, self._progress)
+        except StorageError as exc:
+            report = self._failed(run_id, trigger, started, f"object store error: {exc}")
+            logger.warning("run %d (%s) failed: %s", run_id, trigger, report.error)
+        except Exception:  # an unexpected bug: log it once with its traceback, keep serving
+            logger.exception("run %d (%s) failed unexpectedly", run_id, trigger)
+            report = self._failed(run_id, trigger, started, "internal error (see the service log)")
+        else:
+            report = result.report
+            self._on_commit(result)
+            _log_report(report)
+        finally:
+            self.running = False
+        self.history.append(report)
+        return report
+
+    @staticmethod
+    def _failed(run_id: int, trigger: str, started: datetime, error: str) -> RunReport:
+        return RunReport(run_id, trigger, started, datetime.now(UTC), Outcome.FAILED, error=error)
+
+    async def close(self) -> None:
+        """Stop accepting runs and cancel the one in flight (its writes are atomic: no partial output)."""
+        self._closed = True
+        task = self._loop_task
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        if self._pending is not None and not self._pending.done():
+            self._pending.set_exception(RunnerClosed("the service is shutting down"))
+            self._pending.exception()  # retrieved: nobody may be waiting for it
+
+
+def _log_report(report: RunReport) -> None:
+    logger.info(
+        "run %d (%s) %s in %.2fs: listed=%d fetched=%d added=%d updated=%d removed=%d rejected=%d users=%d",
+        report.run_id, report.trigger, report.outcome.value, report.duration_seconds, report.listed,
+        report.fetched, report.added, report.updated, report.removed, len(report.rejected), report.users,
+    )  # fmt: skip
+    for rejected in report.rejected:
+        logger.info("run %d rejected %s: %s", report.run_id, rejected.key, rejected.reason)

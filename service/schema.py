@@ -1,0 +1,248 @@
+"""The GraphQL schema: types mapped explicitly from query rows and run reports."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import NewType
+from urllib.parse import quote
+
+import strawberry
+from aiohttp import web
+from graphql import GraphQLError
+from strawberry.extensions import (
+    MaskErrors,
+    MaxAliasesLimiter,
+    MaxTokensLimiter,
+    ParserCache,
+    QueryDepthLimiter,
+    ValidationCache,
+)
+from strawberry.schema.config import StrawberryConfig
+
+from . import query
+from .errors import BadRequest, NotReady, Unauthorized
+from .report import RunReport
+from .runner import RunnerClosed
+from .state import ServiceState
+
+Long = NewType("Long", int)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EXPECTED_ERRORS = (BadRequest, NotReady, Unauthorized, RunnerClosed)
+
+
+@dataclass
+class Context:
+    state: ServiceState
+    request: web.Request
+    response: web.StreamResponse | None = None
+
+
+Info = strawberry.Info[Context, None]
+
+
+@strawberry.input(description="All fields optional, combined with AND. Age bounds are inclusive.")
+class UserFilter:
+    is_image_exists: bool | None = None
+    min_age: int | None = None
+    max_age: int | None = None
+
+    def to_query(self) -> query.UserFilter:
+        return query.UserFilter(self.is_image_exists, self.min_age, self.max_age).validate()
+
+
+@strawberry.type(description="One row of output.csv.")
+class User:
+    user_id: strawberry.ID
+    first_name: str
+    last_name: str
+    birthts: Long = strawberry.field(description="Birth time in milliseconds since 1970-01-01 UTC.")
+    birth_date: date = strawberry.field(description="UTC date of birthts.")
+    age: int = strawberry.field(description="Completed years on today's UTC date.")
+    img_path: str | None = strawberry.field(description="Object key of the user's image, null if none.")
+    image_url: str | None = strawberry.field(description="URL of the image served by this service.")
+
+    @classmethod
+    def from_row(cls, row: query.UserRow, origin: str) -> User:
+        return cls(
+            user_id=strawberry.ID(row.user_id),
+            first_name=row.first_name,
+            last_name=row.last_name,
+            birthts=Long(row.birthts),
+            birth_date=(_EPOCH + timedelta(milliseconds=row.birthts)).date(),
+            age=row.age,
+            img_path=row.img_path or None,
+            image_url=f"{origin}/images/{quote(row.user_id, safe='')}" if row.img_path else None,
+        )
+
+
+@strawberry.type(description="Aggregates over the users matching a filter.")
+class Stats:
+    count: int
+    average_age: float | None = strawberry.field(description="Mean age; null when nothing matches.")
+    youngest_age: int | None
+    oldest_age: int | None
+    with_image: int
+    without_image: int
+
+
+@strawberry.enum
+class RunOutcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@strawberry.type
+class RejectedFile:
+    key: str
+    reason: str
+
+
+@strawberry.type(description="Several source files claim one user; the most recently modified wins.")
+class Conflict:
+    user_id: strawberry.ID
+    kind: str
+    keys: list[str]
+    winner: str
+
+
+@strawberry.type(description="The report of one aggregation run.")
+class ProcessingRun:
+    id: int
+    trigger: str
+    outcome: RunOutcome
+    error: str | None
+    started_at: datetime
+    finished_at: datetime
+    duration_seconds: float
+    listed: int
+    fetched: int
+    added: int
+    updated: int
+    removed: int
+    unchanged: int
+    ignored: int
+    users: int
+    images: int
+    output_version: int
+    output_written: bool
+    full_rebuild: bool
+    warnings: list[str]
+    rejected: list[RejectedFile]
+    conflicts: list[Conflict]
+
+    @classmethod
+    def from_report(cls, report: RunReport) -> ProcessingRun:
+        return cls(
+            id=report.run_id, trigger=report.trigger, outcome=RunOutcome(report.outcome.value),
+            error=report.error, started_at=report.started_at, finished_at=report.finished_at,
+            duration_seconds=report.duration_seconds, listed=report.listed, fetched=report.fetched,
+            added=report.added, updated=report.updated, removed=report.removed, unchanged=report.unchanged,
+            ignored=report.ignored, users=report.users, images=report.images,
+            output_version=report.output_version, output_written=report.output_written,
+            full_rebuild=report.full_rebuild, warnings=list(report.warnings),
+            rejected=[RejectedFile(key=r.key, reason=r.reason) for r in report.rejected],
+            conflicts=[Conflict(user_id=strawberry.ID(c.user_id), kind=c.kind, keys=list(c.keys), winner=c.winner)
+                       for c in report.conflicts],
+        )  # fmt: skip
+
+
+def _filter(flt: UserFilter | None) -> query.UserFilter:
+    return flt.to_query() if flt is not None else query.UserFilter()
+
+
+def _page_bounds(limit: int | None, offset: int, total: int, maximum: int) -> slice:
+    if offset < 0:
+        raise BadRequest(f"offset must not be negative, got {offset}")
+    if limit is not None and not 0 <= limit <= maximum:
+        raise BadRequest(f"limit must be between 0 and {maximum}, got {limit}; paginate with offset")
+    if limit is None and total - offset > maximum:
+        raise BadRequest(
+            f"{total - offset} users match, more than the page size {maximum}: pass limit (at most {maximum}) "
+            "and offset to paginate; stats(filter).count gives the total"
+        )
+    return slice(offset, offset + (limit if limit is not None else maximum))
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="Users matching the filter, ordered by userId.")
+    def users(
+        self, info: Info, filter: UserFilter | None = None, limit: int | None = None, offset: int = 0
+    ) -> list[User]:
+        state, today = info.context.state, query.today_utc()
+        snapshot = state.current()
+        positions = query.select(snapshot, _filter(filter), today)
+        window = _page_bounds(limit, offset, len(positions), state.settings.max_page_size)
+        origin = _origin(info.context.request)
+        return [User.from_row(row, origin) for row in query.users(snapshot, positions[window], today)]
+
+    @strawberry.field(description="One user by id, null when unknown.")
+    def user(self, info: Info, user_id: strawberry.ID) -> User | None:
+        row = query.user(info.context.state.current(), str(user_id), query.today_utc())
+        return User.from_row(row, _origin(info.context.request)) if row else None
+
+    @strawberry.field(description="Count and age statistics of the users matching the filter.")
+    def stats(self, info: Info, filter: UserFilter | None = None) -> Stats:
+        result = query.stats(info.context.state.current(), _filter(filter), query.today_utc())
+        return Stats(
+            count=result.count, average_age=result.average_age, youngest_age=result.min_age,
+            oldest_age=result.max_age, with_image=result.with_image, without_image=result.without_image,
+        )  # fmt: skip
+
+    @strawberry.field(description="The report of the most recent run, null before the first one.")
+    def last_run(self, info: Info) -> ProcessingRun | None:
+        report = info.context.state.runner.last_report
+        return ProcessingRun.from_report(report) if report else None
+
+    @strawberry.field(description="The most recent runs, newest first.")
+    def runs(self, info: Info, limit: int = 20) -> list[ProcessingRun]:
+        if limit < 0:
+            raise BadRequest(f"limit must not be negative, got {limit}")
+        history = list(info.context.state.runner.history)[::-1][:limit]
+        return [ProcessingRun.from_report(report) for report in history]
+
+
+@strawberry.type
+class Mutation:
+    @strawberry.mutation(description="Run the aggregation now; returns a run that started after this call.")
+    async def reprocess(self, info: Info) -> ProcessingRun:
+        state = info.context.state
+        state.authorize(info.context.request.headers.get("Authorization"))
+        return ProcessingRun.from_report(await state.runner.run("mutation"))
+
+
+def _origin(request: web.Request) -> str:
+    return str(request.url.origin())
+
+
+def _should_mask(error: GraphQLError) -> bool:
+    original = error.original_error
+    return original is not None and not isinstance(original, _EXPECTED_ERRORS)
+
+
+def build_schema() -> strawberry.Schema:
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        config=StrawberryConfig(
+            disable_field_suggestions=True,
+            scalar_map={
+                Long: strawberry.scalar(
+                    name="Long",
+                    description="A 64-bit integer, serialized as a JSON number (GraphQL Int is 32-bit).",
+                    serialize=int,
+                    parse_value=int,
+                )
+            },
+        ),
+        extensions=[
+            ParserCache(maxsize=256),
+            ValidationCache(maxsize=256),
+            QueryDepthLimiter(max_depth=8),
+            MaxTokensLimiter(max_token_count=2000),
+            MaxAliasesLimiter(max_alias_count=20),
+            MaskErrors(should_mask_error=_should_mask, error_message="Internal error."),
+        ],
+    )

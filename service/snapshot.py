@@ -1,0 +1,80 @@
+"""An immutable, query-ready view of one committed output, swapped atomically after each commit."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from .report import RunReport
+
+IntArray = npt.NDArray[np.int64]
+BoolArray = npt.NDArray[np.bool_]
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """The output table as numpy columns, ordered by user_id, plus the birth date parts ages need."""
+
+    table: pd.DataFrame
+    version: int
+    committed_at: datetime
+    report: RunReport | None = None
+    user_ids: npt.NDArray[np.object_] = field(init=False)
+    birthts: IntArray = field(init=False)
+    has_image: BoolArray = field(init=False)
+    birth_year: IntArray = field(init=False)
+    birth_month_day: IntArray = field(init=False)  # month * 100 + day, for "has the birthday come"
+    _index: dict[str, int] = field(init=False)
+    _ages: dict[date, IntArray] = field(init=False)
+    _lock: threading.Lock = field(init=False)
+
+    def __post_init__(self) -> None:
+        births = self.table["birthts"].to_numpy(dtype=np.int64)
+        moments = births.astype("datetime64[ms]")
+        years = moments.astype("datetime64[Y]").astype(np.int64) + 1970
+        months = moments.astype("datetime64[M]").astype(np.int64) % 12 + 1
+        days = (moments.astype("datetime64[D]") - moments.astype("datetime64[M]")).astype(np.int64) + 1
+        user_ids = self.table["user_id"].to_numpy(dtype=object)
+        for name, value in (
+            ("user_ids", user_ids),
+            ("birthts", births),
+            ("has_image", (self.table["img_path"] != "").to_numpy()),
+            ("birth_year", years),
+            ("birth_month_day", months * 100 + days),
+            ("_index", {uid: i for i, uid in enumerate(user_ids)}),
+            ("_ages", {}),
+            ("_lock", threading.Lock()),
+        ):
+            object.__setattr__(self, name, value)
+        for array in (births, years):
+            array.setflags(write=False)
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+    def position(self, user_id: str) -> int | None:
+        return self._index.get(user_id)
+
+    def ages(self, today: date) -> IntArray:
+        """Completed years on `today` for every row; computed once per day and snapshot."""
+        cached = self._ages.get(today)
+        if cached is not None:
+            return cached
+        with self._lock:
+            not_yet = self.birth_month_day > today.month * 100 + today.day
+            ages = (today.year - self.birth_year - not_yet).astype(np.int64)
+            ages.setflags(write=False)
+            self._ages.clear()  # keep only today's
+            self._ages[today] = ages
+            return ages
+
+
+def empty_snapshot() -> Snapshot:
+    from .output import empty_output
+
+    return Snapshot(empty_output(), version=0, committed_at=datetime.now(UTC))
