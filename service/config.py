@@ -52,6 +52,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     access, secret = _text(env, "MINIO_ACCESS_KEY"), _text(env, "MINIO_SECRET_KEY")
     if endpoint is not None and (access is None or secret is None):
         raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
+    src_prefix, output_key = _prefix(env), _output_key(env)
+    if output_key.startswith(src_prefix):
+        raise ConfigError(f"OUTPUT_KEY {output_key!r} must not be under SRC_PREFIX {src_prefix!r}")
     return Settings(
         minio_endpoint=endpoint,
         minio_access_key=access,
@@ -59,8 +62,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         minio_secure=_bool(env, "MINIO_SECURE", default=False),
         data_dir=Path(_text(env, "DATA_DIR") or "data"),
         bucket=_bucket(env),
-        src_prefix=_prefix(env),
-        output_key=_output_key(env),
+        src_prefix=src_prefix,
+        output_key=output_key,
         fetch_concurrency=_int(env, "FETCH_CONCURRENCY", DEFAULT_FETCH_CONCURRENCY, 1, 1024),
         host=_text(env, "HOST") or "0.0.0.0",  # noqa: S104
         port=_int(env, "PORT", 8080, 0, 65535),

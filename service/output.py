@@ -37,7 +37,7 @@ def derive(manifest: pd.DataFrame) -> pd.DataFrame:
     images = _winners(manifest[manifest["kind"] == Kind.IMAGE.value])
     img_path = images.set_index("user_id")["key"]
     out = csvs[["user_id", "first_name", "last_name", "birthts"]].copy()
-    out["img_path"] = out["user_id"].map(img_path).fillna("")
+    out["img_path"] = img_path.reindex(out["user_id"].to_numpy()).fillna("").to_numpy()
     return out.sort_values("user_id", kind="stable").reset_index(drop=True).astype(_DTYPES)
 
 

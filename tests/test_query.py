@@ -1,0 +1,128 @@
+"""Ages, filters and statistics over a snapshot, against independently computed expectations."""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+from datetime import UTC, date, datetime
+
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from service import query
+from service.errors import BadRequest
+from service.snapshot import Snapshot
+
+
+def ms(year: int, month: int, day: int, hour: int = 0) -> int:
+    return int(datetime(year, month, day, hour, tzinfo=UTC).timestamp() * 1000)
+
+
+def snapshot_of(rows: list[tuple[str, int, str]]) -> Snapshot:
+    table = pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "first_name": "F",
+            "last_name": "L",
+            "birthts": pd.array([r[1] for r in rows], dtype="int64"),
+            "img_path": [r[2] for r in rows],
+        }
+    ).sort_values("user_id")
+    return Snapshot(table.reset_index(drop=True), version=1, committed_at=datetime.now(UTC))
+
+
+def reference_age(birthts: int, today: date) -> int:
+    born = datetime.fromtimestamp(birthts / 1000, tz=UTC).date()
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+@pytest.mark.parametrize(
+    ("born", "today", "age"),
+    [
+        (ms(2000, 6, 15), date(2026, 6, 15), 26),  # birthday today
+        (ms(2000, 6, 16), date(2026, 6, 15), 25),  # birthday tomorrow
+        (ms(2000, 6, 14, 23), date(2026, 6, 15), 26),
+        (ms(2000, 6, 15, 23), date(2026, 6, 15), 26),  # late in the day, still the same UTC date
+        (ms(2004, 2, 29), date(2026, 2, 28), 21),  # leapling: not yet on 28 February
+        (ms(2004, 2, 29), date(2026, 3, 1), 22),  # a year older on 1 March
+        (ms(2004, 2, 29), date(2028, 2, 29), 24),  # on the day in a leap year
+        (ms(1950, 1, 1), date(2026, 1, 1), 76),  # before 1970: negative timestamp
+        (ms(1969, 12, 31, 23), date(2026, 12, 31), 57),
+        (ms(2026, 1, 1), date(2026, 1, 1), 0),
+    ],
+)
+def test_age_boundaries(born: int, today: date, age: int) -> None:
+    snapshot = snapshot_of([("u", born, "")])
+    assert int(snapshot.ages(today)[0]) == age == reference_age(born, today)
+
+
+@given(
+    births=st.lists(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 1, 1)), min_size=1, max_size=50),
+    today=st.dates(min_value=date(2026, 1, 1), max_value=date(2100, 12, 31)),
+)
+def test_ages_match_calendar_arithmetic(births: list[int], today: date) -> None:
+    snapshot = snapshot_of([(f"u{i:03}", b, "") for i, b in enumerate(births)])
+    assert list(snapshot.ages(today)) == [reference_age(b, today) for b in births]
+
+
+TODAY = date(2026, 11, 27)
+PEOPLE = [
+    ("1000", ms(2000, 11, 27), "src-data/1000.png"),  # 26 today
+    ("1001", ms(2000, 11, 28), ""),  # 25 (birthday tomorrow)
+    ("1002", ms(1960, 1, 1), "src-data/1002.jpg"),  # 66
+    ("1003", ms(2010, 5, 5), ""),  # 16
+    ("1004", ms(1990, 2, 28), "src-data/x/1004.png"),  # 36
+]
+
+
+@pytest.mark.parametrize(
+    ("has_image", "min_age", "max_age"),
+    list(itertools.product([None, True, False], [None, 0, 16, 25, 26, 67], [None, 16, 25, 26, 66, 100])),
+)
+def test_every_filter_combination(has_image: bool | None, min_age: int | None, max_age: int | None) -> None:
+    snapshot = snapshot_of(PEOPLE)
+    flt = query.UserFilter(has_image, min_age, max_age)
+    if min_age is not None and max_age is not None and min_age > max_age:
+        with pytest.raises(BadRequest, match="minAge"):
+            flt.validate()
+        return
+    expected = [
+        (uid, reference_age(b, TODAY), img)
+        for uid, b, img in PEOPLE
+        if (has_image is None or bool(img) == has_image)
+        and (min_age is None or reference_age(b, TODAY) >= min_age)
+        and (max_age is None or reference_age(b, TODAY) <= max_age)
+    ]
+    rows = query.users(snapshot, query.select(snapshot, flt.validate(), TODAY), TODAY)
+    assert [(r.user_id, r.age, r.img_path) for r in rows] == expected
+    result = query.stats(snapshot, flt, TODAY)
+    assert result.count == len(expected)
+    ages = [age for _, age, _ in expected]
+    assert result.average_age == (pytest.approx(statistics.mean(ages)) if ages else None)
+    assert (result.min_age, result.max_age) == ((min(ages), max(ages)) if ages else (None, None))
+    assert result.with_image == sum(1 for *_, img in expected if img)
+    assert result.with_image + result.without_image == result.count
+
+
+@pytest.mark.parametrize(
+    ("flt", "message"),
+    [
+        (query.UserFilter(min_age=-1), "minAge must be between 0"),
+        (query.UserFilter(max_age=-3), "maxAge must be between 0"),
+        (query.UserFilter(min_age=5, max_age=4), r"minAge \(5\) is greater than maxAge \(4\)"),
+    ],
+)
+def test_invalid_filters(flt: query.UserFilter, message: str) -> None:
+    with pytest.raises(BadRequest, match=message):
+        flt.validate()
+
+
+def test_user_lookup_and_empty_snapshot() -> None:
+    snapshot = snapshot_of(PEOPLE)
+    found = query.user(snapshot, "1002", TODAY)
+    assert found is not None and (found.age, found.img_path) == (66, "src-data/1002.jpg")
+    assert query.user(snapshot, "nope", TODAY) is None
+    empty = Snapshot(snapshot.table.iloc[0:0], 0, datetime.now(UTC))
+    assert query.stats(empty, query.UserFilter(), TODAY) == query.Stats(0, None, None, None, 0, 0)
