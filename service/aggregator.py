@@ -63,7 +63,9 @@ class _State:
 class _Results:
     """Parse results of fetched CSVs, as columns."""
 
-    columns: dict[str, list[object]] = field(default_factory=lambda: {c: [] for c in ["key", *mf.RESULT_COLUMNS]})
+    columns: dict[str, list[object]] = field(
+        default_factory=lambda: {c: [] for c in ["key", *mf.RESULT_COLUMNS]}
+    )
     vanished: set[str] = field(default_factory=set)
 
     def ok(self, key: str, first: str, last: str, birthts: int) -> None:
@@ -100,27 +102,39 @@ class Aggregator:
         self._clock = clock
         self._committed: _Committed | None = None
 
-    async def run(self, run_id: int = 0, trigger: str = "manual", progress: ProgressCallback | None = None) -> RunResult:
+    async def run(
+        self, run_id: int = 0, trigger: str = "manual", progress: ProgressCallback | None = None
+    ) -> RunResult:
         """One run; raises `StorageError` when the store fails (the previous commit stays intact)."""
         started = self._clock()
         state = await self._load_state()
         listing, ignored, results = await self._scan(state.manifest, progress)
         computed = await asyncio.to_thread(_compute, listing, state, results)
-        report_fields = await self._commit(state, computed)
+        version, written = await self._commit(state, computed)
+        changes, output = computed.changes, computed.output
         report = RunReport(
             run_id=run_id,
             trigger=trigger,
             started_at=started,
             finished_at=self._clock(),
             outcome=Outcome.SUCCEEDED,
-            listed=computed.listed + ignored,
+            listed=len(listing) + ignored,
             fetched=len(results.columns["key"]),
+            added=changes.added,
+            updated=changes.updated,
+            removed=changes.removed,
+            unchanged=changes.unchanged,
             ignored=ignored + computed.orphan_images,
+            users=len(output),
+            images=int((output["img_path"] != "").sum()),
+            output_version=version,
+            output_written=written,
             full_rebuild=state.full_rebuild,
+            rejected=computed.rejected,
+            conflicts=computed.conflicts,
             warnings=tuple(state.warnings),
-            **report_fields,
         )
-        return RunResult(report=report, table=computed.output)
+        return RunResult(report=report, table=output)
 
     async def load_committed(self) -> tuple[pd.DataFrame, int] | None:
         """The stored output and its version (0 when no manifest vouches for it); None when there is none."""
@@ -129,7 +143,7 @@ class Aggregator:
         except ObjectNotFound:
             return None
         table = await asyncio.to_thread(out.from_csv_bytes, data)
-        manifest, header = await self._read_manifest([])
+        _, header = await self._read_manifest([])
         return table, header.version if header is not None else 0
 
     async def _load_state(self) -> _State:
@@ -144,16 +158,22 @@ class Aggregator:
             previous = cached.output if cached and cached.header == header else out.derive(manifest)
             return _State(manifest, header, previous, _empty_seed(), full_rebuild=False)
         if manifest is not None:
-            warnings.append(f"{self.output_key} does not match the manifest (edited, deleted, or a run "
-                            "stopped between its writes): rebuilding from scratch")
+            warnings.append(
+                f"{self.output_key} does not match the manifest (edited, deleted, or a run "
+                "stopped between its writes): rebuilding from scratch"
+            )
         elif output_etag is not None and not warnings:
             warnings.append(f"no manifest beside {self.output_key}: rebuilding from scratch")
         seed = await self._read_seed(warnings) if output_etag is not None else out.empty_output()
         for warning in warnings:
             logger.warning("%s", warning)
-        return _State(mf.empty(), header, seed, seed.set_index("user_id"), full_rebuild=True, warnings=warnings)
+        return _State(
+            mf.empty(), header, seed, seed.set_index("user_id"), full_rebuild=True, warnings=warnings
+        )
 
-    async def _read_manifest(self, warnings: list[str]) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
+    async def _read_manifest(
+        self, warnings: list[str]
+    ) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
         try:
             etag = (await self._store.stat(self.manifest_key)).etag
         except ObjectNotFound:
@@ -181,7 +201,7 @@ class Aggregator:
     async def _scan(
         self, previous: pd.DataFrame, progress: ProgressCallback | None
     ) -> tuple[pd.DataFrame, int, _Results]:
-        """List the prefix and fetch new or changed CSVs as the pages arrive (bounded queue: back-pressure)."""
+        """List the prefix; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
         known = previous.set_index("key")["etag"]
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._concurrency * 2)
         results = _Results()
@@ -240,29 +260,26 @@ class Aggregator:
             return
         results.ok(key, record.first_name, record.last_name, record.birthts)
 
-    async def _commit(self, state: _State, computed: _Computed) -> dict[str, object]:
-        """Write the output, then the manifest: a crash in between is detected as a stale manifest."""
+    async def _commit(self, state: _State, computed: _Computed) -> tuple[int, bool]:
+        """Write the output, then the manifest: a crash in between is detected as a stale manifest.
+
+        Returns the output version and whether the output was written.
+        """
         header = state.header
-        output_changed = state.full_rebuild or header is None or computed.output_changed
-        version = (header.version if header else 0) + (1 if output_changed else 0)
-        if header is not None and not output_changed:
-            output_etag = header.output_etag
+        if header is not None and not state.full_rebuild and not computed.output_changed:
+            version, output_etag, written = header.version, header.output_etag, False
         else:
+            version = (header.version if header else 0) + 1
             output_etag = await self._store.put(self.output_key, computed.output_bytes(), "text/csv")
+            written = True
         new_header = mf.ManifestHeader(version=version, output_etag=output_etag)
-        if output_changed or computed.manifest_changed:
+        if written or computed.manifest_changed or self._committed is None:
             data = await asyncio.to_thread(mf.to_bytes, computed.manifest, new_header)
             manifest_etag = await self._store.put(self.manifest_key, data, "text/csv")
         else:
-            manifest_etag = self._committed.manifest_etag if self._committed else ""
+            manifest_etag = self._committed.manifest_etag
         self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
-        changes = computed.changes
-        return {
-            "added": changes.added, "updated": changes.updated, "removed": changes.removed,
-            "unchanged": changes.unchanged, "users": len(computed.output),
-            "images": int((computed.output["img_path"] != "").sum()), "output_version": version,
-            "output_written": output_changed, "rejected": computed.rejected, "conflicts": computed.conflicts,
-        }  # fmt: skip
+        return version, written
 
 
 @dataclass(frozen=True)
@@ -272,7 +289,6 @@ class _Computed:
     changes: out.Changes
     manifest_changed: bool
     output_changed: bool
-    listed: int
     orphan_images: int
     rejected: tuple[RejectedFile, ...]
     conflicts: tuple[out.Conflict, ...]
@@ -293,7 +309,6 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
         changes=out.compare(state.previous_output, output),
         manifest_changed=not manifest.equals(state.manifest),
         output_changed=not output.equals(state.previous_output),
-        listed=len(listing),
         orphan_images=int((~images["user_id"].isin(output["user_id"])).sum()),
         rejected=tuple(RejectedFile(k, r) for k, r in zip(rejected["key"], rejected["reason"], strict=True)),
         conflicts=tuple(out.conflicts(manifest)),
@@ -314,4 +329,3 @@ async def _run_all(coroutines: list[Coroutine[object, object, None]]) -> None:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
-

@@ -10,9 +10,8 @@ from datetime import UTC, datetime
 
 import aiocron
 from aiohttp import web
-from strawberry.aiohttp.views import GraphQLView
 
-from . import rest
+from . import graphiql, rest
 from .aggregator import Aggregator, RunResult
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
@@ -26,13 +25,13 @@ from .stores import open_store
 logger = logging.getLogger(__name__)
 
 SETTINGS = web.AppKey("settings", Settings)
-STORE = web.AppKey("store", ObjectStore)  # type: ignore[type-abstract]
+STORE = web.AppKey("store", ObjectStore)
 STATE = rest.STATE
 MAX_REQUEST_BYTES = 256 * 1024
 _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
-class ServiceGraphQLView(GraphQLView[Context, None]):
+class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
     async def get_context(self, request: web.Request, response: web.StreamResponse) -> Context:
         return Context(state=request.app[STATE], request=request, response=response)
 
@@ -45,6 +44,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app.cleanup_ctx.append(_lifecycle)
     view = ServiceGraphQLView(schema=build_schema(), subscription_protocols=("graphql-transport-ws",))
     app.router.add_route("*", "/graphql", view)
+    graphiql.add_routes(app)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     rest.add_routes(app)
@@ -116,7 +116,9 @@ _STATUS: tuple[tuple[type[Exception], int], ...] = (
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Expected failures become JSON errors with a status; nothing else is caught here."""
     try:
         return await handler(request)

@@ -89,7 +89,9 @@ class _ProgressLine:
         if now - self._last < 0.1:
             return
         self._last = now
-        self._stream.write(f"\rlisted {progress.listed:,}  fetched {progress.fetched:,}/{progress.to_fetch:,}")
+        self._stream.write(
+            f"\rlisted {progress.listed:,}  fetched {progress.fetched:,}/{progress.to_fetch:,}"
+        )
         self._stream.flush()
 
     def close(self) -> None:
@@ -98,9 +100,11 @@ class _ProgressLine:
 
 
 def format_report(report: RunReport) -> str:
+    written = "written" if report.output_written else "unchanged"
+    rebuild = ", full rebuild" if report.full_rebuild else ""
     lines = [
-        f"run {report.outcome.value} in {report.duration_seconds:.2f}s (output version {report.output_version}"
-        f"{', written' if report.output_written else ', unchanged'}{', full rebuild' if report.full_rebuild else ''})",
+        f"run {report.outcome.value} in {report.duration_seconds:.2f}s "
+        f"(output version {report.output_version}, {written}{rebuild})",
         f"listed {report.listed}, fetched {report.fetched}, ignored {report.ignored}",
         f"users {report.users} (with image {report.images}): added {report.added}, updated {report.updated}, "
         f"removed {report.removed}, unchanged {report.unchanged}",
@@ -110,7 +114,10 @@ def format_report(report: RunReport) -> str:
     lines += [f"  {rejected.key}: {rejected.reason}" for rejected in report.rejected]
     if report.conflicts:
         lines.append(f"conflicts: {len(report.conflicts)}")
-        lines += [f"  user {c.user_id} ({c.kind}): {', '.join(c.keys)} -> {c.winner or 'none valid'}" for c in report.conflicts]
+        lines += [
+            f"  user {c.user_id} ({c.kind}): {', '.join(c.keys)} -> {c.winner or 'none valid'}"
+            for c in report.conflicts
+        ]
     return "\n".join(lines)
 
 

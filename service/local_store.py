@@ -38,44 +38,11 @@ class LocalStore:
 
     async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
         # A walk is blocking I/O: run it in a thread a page at a time, keeping key order.
-        keys = await asyncio.to_thread(self._sorted_keys, prefix)
+        keys = await asyncio.to_thread(_sorted_keys, self._root, prefix)
         for start in range(0, len(keys), PAGE_SIZE):
-            page = await asyncio.to_thread(self._stat_many, keys[start : start + PAGE_SIZE])
+            page = await asyncio.to_thread(_stat_many, self._root, keys[start : start + PAGE_SIZE])
             if page:
                 yield page
-
-    def _sorted_keys(self, prefix: str) -> list[str]:
-        base = self._root
-        top = prefix.rpartition("/")[0]
-        start = base / top if top else base
-        keys: list[str] = []
-        stack = [start]
-        while stack:
-            directory = stack.pop()
-            try:
-                entries = list(os.scandir(directory))
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise StorageError(f"cannot list {directory}: {exc.strerror}") from exc
-            for entry in entries:
-                if entry.is_dir(follow_symlinks=False):
-                    stack.append(Path(entry.path))
-                elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(_TMP_SUFFIX):
-                    key = Path(entry.path).relative_to(base).as_posix()
-                    if key.startswith(prefix):
-                        keys.append(key)
-        keys.sort()
-        return keys
-
-    def _stat_many(self, keys: list[str]) -> list[ObjectInfo]:
-        page = []
-        for key in keys:
-            try:
-                page.append(_info(key, os.stat(self._root / key)))
-            except FileNotFoundError:
-                continue  # deleted since the walk
-        return page
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
         path = self._path(key)
@@ -143,3 +110,37 @@ def _write_atomic(path: Path, key: str, data: bytes) -> str:
         return _info(key, os.stat(path)).etag
     except OSError as exc:
         raise StorageError(f"cannot write {key!r}: {exc.strerror}") from exc
+
+
+def _sorted_keys(base: Path, prefix: str) -> list[str]:
+    top = prefix.rpartition("/")[0]
+    start = base / top if top else base
+    keys: list[str] = []
+    stack = [start]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StorageError(f"cannot list {directory}: {exc.strerror}") from exc
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(_TMP_SUFFIX):
+                key = Path(entry.path).relative_to(base).as_posix()
+                if key.startswith(prefix):
+                    keys.append(key)
+    keys.sort()
+    return keys
+
+
+def _stat_many(root: Path, keys: list[str]) -> list[ObjectInfo]:
+    page = []
+    for key in keys:
+        try:
+            page.append(_info(key, os.stat(root / key)))
+        except FileNotFoundError:
+            continue  # deleted since the walk
+    return page

@@ -48,12 +48,12 @@ def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, int]:
     keep = [i for i, c in enumerate(classified) if c.kind is not Kind.IGNORED]
     frame = pd.DataFrame(
         {
-            "key": pd.array([page[i].key for i in keep], dtype=_STR),
-            "etag": pd.array([page[i].etag for i in keep], dtype=_STR),
+            "key": pd.Series([page[i].key for i in keep], dtype=_STR),
+            "etag": pd.Series([page[i].etag for i in keep], dtype=_STR),
             "size": np.array([page[i].size for i in keep], dtype=np.int64),
             "mtime": np.array([_ns(page[i]) for i in keep], dtype=np.int64),
-            "kind": pd.array([classified[i].kind.value for i in keep], dtype=_STR),
-            "user_id": pd.array([classified[i].user_id for i in keep], dtype=_STR),
+            "kind": pd.Series([classified[i].kind.value for i in keep], dtype=_STR),
+            "user_id": pd.Series([classified[i].user_id for i in keep], dtype=_STR),
         }
     )
     return frame, len(page) - len(keep)
@@ -63,7 +63,9 @@ def _ns(info: ObjectInfo) -> int:
     return int(info.last_modified.timestamp() * 1_000_000) * 1000
 
 
-def merge(listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: pd.DataFrame) -> pd.DataFrame:
+def merge(
+    listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: pd.DataFrame
+) -> pd.DataFrame:
     """The new manifest: listed objects, with fresh results for fetched CSVs and earlier ones otherwise.
 
     A CSV rejected now keeps the last valid values it had (from `previous`, else from `seed`, the rows

@@ -20,7 +20,7 @@ from .storage import ObjectInfo, check_key
 
 T = TypeVar("T")
 
-PAGE_SIZE = 1000  # the SDK's max-keys: one yielded page per listing request
+PAGE_SIZE = 1000  # objects per yielded page: the SDK's max-keys, so about one page per request
 _BACKOFF_FIRST = 0.1  # seconds before the first retry; doubles each time
 _BACKOFF_MAX = 5.0
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject"})
@@ -86,7 +86,7 @@ class MinioStore:
     # -- operations ------------------------------------------------------------------------
 
     async def ensure_bucket(self) -> None:
-        await self._call("create bucket", None, self._ensure_bucket_once)
+        await self._call("create", None, self._ensure_bucket_once)
 
     async def _ensure_bucket_once(self) -> None:
         client = self._client()

@@ -71,7 +71,12 @@ def users(snapshot: Snapshot, positions: IntArray, today: date) -> list[UserRow]
     return [
         UserRow(str(u), str(f), str(ln), int(b), str(i), int(a))
         for u, f, ln, b, i, a in zip(
-            snapshot.user_ids[positions], first, last, snapshot.birthts[positions], img, ages[positions],
+            snapshot.user_ids[positions],
+            first,
+            last,
+            snapshot.birthts[positions],
+            img,
+            ages[positions],
             strict=True,
         )
     ]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 from aiohttp import web
 
@@ -23,9 +22,13 @@ def parse_filter(params: Mapping[str, str]) -> query.UserFilter:
     """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one."""
     unknown = sorted(set(params) - _FILTER_PARAMS)
     if unknown:
-        raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})")
+        raise BadRequest(
+            f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})"
+        )
     return query.UserFilter(
-        has_image=_bool(params, "is_image_exists"), min_age=_age(params, "min_age"), max_age=_age(params, "max_age")
+        has_image=_bool(params, "is_image_exists"),
+        min_age=_age(params, "min_age"),
+        max_age=_age(params, "max_age"),
     ).validate(("min_age", "max_age"))
 
 
@@ -54,8 +57,7 @@ async def get_data(request: web.Request) -> web.Response:
     snapshot = state.current()
     positions = query.select(snapshot, parse_filter(request.query), today)
     rows = snapshot.table.iloc[positions]
-    records: list[dict[str, Any]] = rows.to_dict("records")
-    return web.json_response(records)
+    return web.json_response(rows.to_dict("records"))
 
 
 async def post_data(request: web.Request) -> web.Response:
@@ -89,9 +91,13 @@ async def get_image(request: web.Request) -> web.Response:
     extension = key.rpartition(".")[2].lower()
     # Only keys the aggregator took from the source listing are served: nothing outside the prefix.
     if not key or not key.startswith(state.settings.src_prefix) or extension not in IMAGE_EXTENSIONS:
-        raise web.HTTPNotFound(text=f'{{"error": "no image for user {user_id[:100]}"}}', content_type="application/json")
+        raise web.HTTPNotFound(
+            text=f'{{"error": "no image for user {user_id[:100]}"}}', content_type="application/json"
+        )
     data = await state.store.get(key)
-    return web.Response(body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"})
+    return web.Response(
+        body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"}
+    )
 
 
 def add_routes(app: web.Application) -> None:

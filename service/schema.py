@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
+from functools import partial
 from typing import NewType
 from urllib.parse import quote
 
@@ -21,7 +22,7 @@ from strawberry.extensions import (
 )
 from strawberry.schema.config import StrawberryConfig
 
-from . import query
+from . import output, query
 from .errors import BadRequest, NotReady, Unauthorized
 from .report import RunReport
 from .runner import RunnerClosed
@@ -106,6 +107,13 @@ class Conflict:
     keys: list[str]
     winner: str
 
+    @classmethod
+    def from_domain(cls, conflict: output.Conflict) -> Conflict:
+        return cls(
+            user_id=strawberry.ID(conflict.user_id), kind=conflict.kind, keys=list(conflict.keys),
+            winner=conflict.winner,
+        )  # fmt: skip
+
 
 @strawberry.type(description="The report of one aggregation run.")
 class ProcessingRun:
@@ -143,8 +151,7 @@ class ProcessingRun:
             output_version=report.output_version, output_written=report.output_written,
             full_rebuild=report.full_rebuild, warnings=list(report.warnings),
             rejected=[RejectedFile(key=r.key, reason=r.reason) for r in report.rejected],
-            conflicts=[Conflict(user_id=strawberry.ID(c.user_id), kind=c.kind, keys=list(c.keys), winner=c.winner)
-                       for c in report.conflicts],
+            conflicts=[Conflict.from_domain(c) for c in report.conflicts],
         )  # fmt: skip
 
 
@@ -159,8 +166,8 @@ def _page_bounds(limit: int | None, offset: int, total: int, maximum: int) -> sl
         raise BadRequest(f"limit must be between 0 and {maximum}, got {limit}; paginate with offset")
     if limit is None and total - offset > maximum:
         raise BadRequest(
-            f"{total - offset} users match, more than the page size {maximum}: pass limit (at most {maximum}) "
-            "and offset to paginate; stats(filter).count gives the total"
+            f"{total - offset} users match, more than the page size {maximum}: pass limit "
+            f"(at most {maximum}) and offset to paginate; stats(filter).count gives the total"
         )
     return slice(offset, offset + (limit if limit is not None else maximum))
 
@@ -237,12 +244,12 @@ def build_schema() -> strawberry.Schema:
                 )
             },
         ),
-        extensions=[
-            ParserCache(maxsize=256),
-            ValidationCache(maxsize=256),
-            QueryDepthLimiter(max_depth=8),
-            MaxTokensLimiter(max_token_count=2000),
-            MaxAliasesLimiter(max_alias_count=20),
-            MaskErrors(should_mask_error=_should_mask, error_message="Internal error."),
+        extensions=[  # factories: a fresh extension per operation, caches shared at module level
+            partial(ParserCache, maxsize=256),
+            partial(ValidationCache, maxsize=256),
+            partial(QueryDepthLimiter, max_depth=8),
+            partial(MaxTokensLimiter, max_token_count=2000),
+            partial(MaxAliasesLimiter, max_alias_count=20),
+            partial(MaskErrors, should_mask_error=_should_mask, error_message="Internal error."),
         ],
     )

@@ -54,6 +54,12 @@ class ObjectStore(Protocol):
 def check_key(key: str) -> str:
     """Return `key` when it is a safe relative object key, else raise `InvalidKey`."""
     parts = key.split("/")
-    if not key or key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
+    if (
+        not key
+        or key.startswith("/")
+        or "\\" in key
+        or "\x00" in key
+        or any(p in ("", ".", "..") for p in parts)
+    ):
         raise InvalidKey(f"invalid object key {key[:200]!r}")
     return key

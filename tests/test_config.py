@@ -36,7 +36,10 @@ def test_minio_settings_and_secrets_hidden() -> None:
         ({"FETCH_CONCURRENCY": "many"}, "FETCH_CONCURRENCY"),
         ({"FETCH_CONCURRENCY": "0"}, "FETCH_CONCURRENCY"),
         ({"PORT": "70000"}, "PORT"),
-        ({"MINIO_ENDPOINT": "http://minio:9000", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"}, "MINIO_ENDPOINT"),
+        (
+            {"MINIO_ENDPOINT": "http://minio:9000", "MINIO_ACCESS_KEY": "a", "MINIO_SECRET_KEY": "b"},
+            "MINIO_ENDPOINT",
+        ),
         ({"MINIO_ENDPOINT": "minio:9000"}, "MINIO_ACCESS_KEY"),
         ({**S3, "MINIO_SECURE": "maybe"}, "MINIO_SECURE"),
         ({"BUCKET": "Not_A_Bucket"}, "BUCKET"),

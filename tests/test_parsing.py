@@ -12,7 +12,10 @@ NOW = 1_780_000_000_000  # 2026-05-28
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (b"first_name, last_name, birthts\nSusan, Lee, 612302400000\n", UserRecord("Susan", "Lee", 612302400000)),
+        (
+            b"first_name, last_name, birthts\nSusan, Lee, 612302400000\n",
+            UserRecord("Susan", "Lee", 612302400000),
+        ),
         (b"first_name,last_name,birthts\r\nA,B,1\r\n", UserRecord("A", "B", 1)),
         (b"\xef\xbb\xbffirst_name,last_name,birthts\nA,B,1", UserRecord("A", "B", 1)),
         (b'first_name, last_name, birthts\nBo, "Smith, Jr.", -5\n', UserRecord("Bo", "Smith, Jr.", -5)),

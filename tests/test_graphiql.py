@@ -1,0 +1,468 @@
+"""GraphiQL served offline: page contents, fallback page, asset route, and a real headless-Chromium run.
+
+The browser test drives Debian's `chromium` over the Chrome DevTools Protocol with aiohttp's websocket
+client (no selenium/chromedriver). It is skipped only when no Chromium binary exists; if the GraphiQL
+assets are not installed it installs them with scripts/fetch_graphiql_assets.py (needs npm and the
+npm registry) and fails with the script's output if that is impossible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncGenerator, AsyncIterator
+from html.parser import HTMLParser
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+import pytest
+import strawberry
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
+
+from service import graphiql
+from service.graphiql import OfflineGraphQLView, add_routes, graphiql_html
+
+REPO = Path(__file__).resolve().parent.parent
+FETCH_SCRIPT = REPO / "scripts" / "fetch_graphiql_assets.py"
+ARTIFACTS = REPO / "artifacts"
+CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1400,900",
+    # Simulate a network without internet: every hostname fails to resolve. The request log below
+    # still records any attempt (requests are logged before name resolution).
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+)
+STATS_QUERY = "{ stats { count averageAge } }"
+SUBSCRIPTION_QUERY = "subscription { ticks(upto: 3) }"
+TIMEOUT_S = 30.0
+
+
+# --- a minimal schema ------------------------------------------------------------------------------
+
+
+@strawberry.type
+class Stats:
+    count: int
+    average_age: float
+
+
+@strawberry.type
+class Query:
+    @strawberry.field
+    def stats(self) -> Stats:
+        return Stats(count=3, average_age=41.5)
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription
+    async def ticks(self, upto: int = 3) -> AsyncGenerator[int, None]:
+        for i in range(1, upto + 1):
+            await asyncio.sleep(0.05)
+            yield i
+
+
+SCHEMA = strawberry.Schema(query=Query, subscription=Subscription)
+
+
+class ContextView(OfflineGraphQLView[dict[str, object], None]):
+    """Like the service's view: a typed context, and subscriptions over graphql-transport-ws only."""
+
+    async def get_context(self, request: web.Request, response: web.StreamResponse) -> dict[str, object]:
+        return {"request": request, "response": response}
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    view = ContextView(schema=SCHEMA, subscription_protocols=("graphql-transport-ws",))
+    app.router.add_route("*", "/graphql", view)
+    add_routes(app)
+    return app
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+
+class _Refs(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.refs: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.refs += [value or "" for name, value in attrs if name in {"src", "href", "action"}]
+
+
+def html_refs(page: str) -> list[str]:
+    parser = _Refs()
+    parser.feed(page)
+    return parser.refs
+
+
+def fake_install(directory: Path) -> dict[str, bytes]:
+    """A stand-in install (valid manifest, tiny files) for tests that need no real bundles."""
+    directory.mkdir(parents=True, exist_ok=True)
+    contents = {name: f"/* {name} */\n".encode() for name in graphiql.ASSET_FILES}
+    for name, data in contents.items():
+        (directory / name).write_bytes(data)
+    manifest = {"format": 1, "packages": {}, "files": {}, "fingerprint": "0123abcd"}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return contents
+
+
+def load_fetch_script() -> Any:
+    spec = importlib.util.spec_from_file_location("fetch_graphiql_assets", FETCH_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --- tests without a browser -----------------------------------------------------------------------
+
+
+def test_page_references_only_local_assets() -> None:
+    page = graphiql_html("/graphiql-assets", cache_token="abc123")
+    assert re.findall(r"(?i)\b(?:https?|wss?)://", page) == []
+    assert "//" not in "".join(html_refs(page))
+    refs = html_refs(page)
+    assets = [ref for ref in refs if ref != "data:,"]
+    assert sorted(ref.split("?")[0].rsplit("/", 1)[1] for ref in assets) == sorted(graphiql.ASSET_FILES)
+    assert all(ref.startswith("/graphiql-assets/") and ref.endswith("?v=abc123") for ref in assets)
+    assert "unpkg" not in page
+    assert "cdn" not in page.lower()
+
+
+def test_page_rejects_external_asset_base() -> None:
+    for base in ("https://cdn.example.com/x", "//cdn.example.com/x", "assets"):
+        with pytest.raises(ValueError, match="absolute path"):
+            graphiql_html(base)
+
+
+def test_fetch_script_installs_exactly_the_files_the_page_loads() -> None:
+    script = load_fetch_script()
+    installed = {target for _, _, wanted in script.PACKAGES.values() for target in wanted}
+    assert installed == set(graphiql.ASSET_FILES)
+    assert script.MANIFEST_NAME == graphiql.MANIFEST_NAME
+    assert script.ENV_VAR == graphiql.ASSETS_ENV_VAR
+    assert script.DEFAULT_DEST == graphiql.DEFAULT_ASSETS_DIR
+    assert all(re.fullmatch(r"\d+\.\d+\.\d+", version) for version, _, _ in script.PACKAGES.values())
+
+
+async def test_fallback_page_when_assets_dir_is_empty(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv(graphiql.ASSETS_ENV_VAR, str(empty))
+    assert graphiql.assets_dir() is None
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app())
+
+    resp = await client.get("/graphql", headers={"Accept": "text/html"})
+    assert resp.status == 503
+    page = await resp.text()
+    assert "GraphiQL offline assets are not installed" in page
+    assert graphiql.FETCH_COMMAND in page
+    assert graphiql.ASSETS_ENV_VAR in page
+    assert re.findall(r"(?i)\b(?:https?|wss?)://", page) == []
+    assert [ref for ref in html_refs(page) if ref != "data:,"] == []
+
+    resp = await client.get("/graphiql-assets/graphiql.min.js")
+    assert resp.status == 404
+
+    # The API itself still works.
+    resp = await client.post("/graphql", json={"query": STATS_QUERY})
+    assert resp.status == 200
+    assert await resp.json() == {"data": {"stats": {"count": 3, "averageAge": 41.5}}}
+
+    # Installing into the running service takes effect on the next request.
+    fake_install(empty)
+    resp = await client.get("/graphql", headers={"Accept": "text/html"})
+    assert resp.status == 200
+    assert "/graphiql-assets/graphiql.min.js?v=0123abcd" in await resp.text()
+
+
+async def test_asset_route_caching(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    contents = fake_install(tmp_path / "assets")
+    monkeypatch.setenv(graphiql.ASSETS_ENV_VAR, str(tmp_path / "assets"))
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app())
+
+    resp = await client.get("/graphiql-assets/graphiql.min.js?v=0123abcd")
+    assert resp.status == 200
+    assert await resp.read() == contents["graphiql.min.js"]
+    assert resp.headers["Cache-Control"] == "public, max-age=31536000, immutable"
+    assert resp.headers["Content-Type"].split(";")[0] in {"text/javascript", "application/javascript"}
+
+    resp = await client.get("/graphiql-assets/graphiql.min.css")  # unversioned: revalidate
+    assert resp.status == 200
+    assert resp.headers["Cache-Control"] == "no-cache"
+    etag = resp.headers["ETag"]
+    resp = await client.get("/graphiql-assets/graphiql.min.css", headers={"If-None-Match": etag})
+    assert resp.status == 304
+
+    for name in ("manifest.json", "..%2Fmanifest.json", "nope.js"):
+        resp = await client.get(f"/graphiql-assets/{name}")
+        assert resp.status == 404, name
+
+    page = await (await client.get("/graphql", headers={"Accept": "text/html"})).text()
+    csp = re.search(r'http-equiv="Content-Security-Policy" content="([^"]+)"', page)
+    assert csp is not None
+    assert "default-src &#x27;none&#x27;" in csp.group(1)
+
+
+# --- the browser test ------------------------------------------------------------------------------
+
+
+def find_chromium() -> str | None:
+    explicit = os.environ.get("CHROMIUM_BIN")
+    if explicit:
+        return explicit
+    return next((path for name in CHROMIUM_NAMES if (path := shutil.which(name))), None)
+
+
+def ensure_assets_installed() -> Path:
+    if (directory := graphiql.assets_dir()) is not None:
+        return directory
+    proc = subprocess.run(
+        [sys.executable, str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=600, check=False
+    )
+    if proc.returncode != 0:
+        pytest.fail(
+            f"GraphiQL assets are not installed and {FETCH_SCRIPT.name} could not install them "
+            f"(exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
+            pytrace=False,
+        )
+    directory = graphiql.assets_dir()
+    assert directory is not None, proc.stdout + proc.stderr
+    return directory
+
+
+class CDPSession:
+    """Just enough of the Chrome DevTools Protocol: commands, and an event log."""
+
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+        self._ws = ws
+        self._next_id = 0
+        self._pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.events: list[dict[str, Any]] = []
+        self._reader = asyncio.create_task(self._read())
+
+    async def _read(self) -> None:
+        async for msg in self._ws:
+            if msg.type is not aiohttp.WSMsgType.TEXT:
+                break
+            data = json.loads(msg.data)
+            if "id" in data:
+                future = self._pending.pop(data["id"], None)
+                if future is not None and not future.done():
+                    future.set_result(data)
+            else:
+                self.events.append(data)
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("DevTools connection closed"))
+
+    async def send(self, method: str, **params: Any) -> dict[str, Any]:
+        self._next_id += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._pending[self._next_id] = future
+        await self._ws.send_json({"id": self._next_id, "method": method, "params": params})
+        reply = await asyncio.wait_for(future, TIMEOUT_S)
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        result: dict[str, Any] = reply.get("result", {})
+        return result
+
+    async def evaluate(self, expression: str) -> Any:
+        result = await self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    async def wait_for(self, expression: str, what: str) -> Any:
+        deadline = time.monotonic() + TIMEOUT_S
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                page_text = await self.evaluate("document.body ? document.body.innerText.slice(0, 2000) : ''")
+                raise AssertionError(f"timed out waiting for {what}; page text:\n{page_text}")
+            await asyncio.sleep(0.1)
+
+    async def click(self, selector: str) -> None:
+        """A real mouse click (press + release) in the middle of the element."""
+        box = await self.evaluate(
+            f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
+            " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
+        )
+        for kind in ("mousePressed", "mouseReleased"):
+            await self.send(
+                "Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1
+            )
+
+    async def close(self) -> None:
+        await self._ws.close()
+        self._reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._reader
+
+
+@contextlib.asynccontextmanager
+async def chromium_page(binary: str) -> AsyncIterator[CDPSession]:
+    with tempfile.TemporaryDirectory(prefix="graphiql-chromium-") as profile:
+        log_path = Path(profile) / "chromium.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                binary,
+                *CHROMIUM_FLAGS,
+                f"--user-data-dir={profile}",
+                "about:blank",
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        try:
+            port_file = Path(profile) / "DevToolsActivePort"
+            deadline = time.monotonic() + TIMEOUT_S
+            while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
+                if proc.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"Chromium did not start:\n{log_path.read_text(errors='replace')[-3000:]}"
+                    )
+                await asyncio.sleep(0.05)
+            port = int(port_file.read_text().splitlines()[0])
+            async with aiohttp.ClientSession() as http:
+                async with http.get(f"http://127.0.0.1:{port}/json/list") as resp:
+                    targets = await resp.json()
+                page_target = next(t for t in targets if t["type"] == "page")
+                async with http.ws_connect(page_target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                    session = CDPSession(ws)
+                    try:
+                        yield session
+                    finally:
+                        await session.close()
+        finally:
+            if proc.returncode is None:
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+def codemirror_value_js(container: str) -> str:
+    """JS expression: the text of the CodeMirror editor inside `container` ('' if not rendered yet)."""
+    return (
+        f"(() => {{ const cm = document.querySelector({json.dumps(container + ' .CodeMirror')});"
+        " return cm ? cm.CodeMirror.getValue() : ''; })()"
+    )
+
+
+async def test_graphiql_renders_and_runs_a_query_offline(aiohttp_server: Any) -> None:
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("no Chromium binary (apt-get install chromium, or set CHROMIUM_BIN)")
+    token = graphiql.assets_fingerprint(ensure_assets_installed())
+    started = time.monotonic()
+    server: TestServer = await aiohttp_server(make_app())
+    origin = str(server.make_url("/")).rstrip("/")
+    ws_origin = "ws" + origin.removeprefix("http")
+    response_js = codemirror_value_js(".graphiql-response")
+
+    async with chromium_page(binary) as page:
+        for domain in ("Page", "Runtime", "Network", "Log"):
+            await page.send(f"{domain}.enable")
+        await page.send(
+            "Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False
+        )
+
+        # Query: prefilled through ?q= (Strawberry executes GET ?query= instead of rendering the IDE).
+        await page.send("Page.navigate", url=f"{origin}/graphql?q={STATS_QUERY}")
+        await page.wait_for("!!document.querySelector('.graphiql-execute-button')", "the GraphiQL editor")
+        await page.wait_for(
+            f"{codemirror_value_js('.graphiql-query-editor')} === {json.dumps(STATS_QUERY)}",
+            "the query in the editor",
+        )
+        assert await page.evaluate("typeof GraphiQLPluginExplorer") == "object"
+        await page.click(".graphiql-execute-button")
+        text = await page.wait_for(
+            f"(() => {{ const t = {response_js}; return t.includes('41.5') && t; }})()",
+            "the result",
+        )
+        assert json.loads(text) == {"data": {"stats": {"count": 3, "averageAge": 41.5}}}
+        await page.wait_for("document.fonts.status === 'loaded'", "fonts")
+        shot = await page.send("Page.captureScreenshot", format="png")
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "graphiql.png").write_bytes(base64.b64decode(shot["data"]))
+
+        resources = await page.evaluate(
+            "[location.href, ...performance.getEntriesByType('resource').map(e => e.name)]"
+        )
+
+        # Subscription: runs over graphql-ws (graphql-transport-ws) to the same server.
+        await page.send("Page.navigate", url=f"{origin}/graphql?q={SUBSCRIPTION_QUERY}")
+        await page.wait_for(
+            f"{codemirror_value_js('.graphiql-query-editor')} === {json.dumps(SUBSCRIPTION_QUERY)}",
+            "the subscription in the editor",
+        )
+        await page.click(".graphiql-execute-button")
+        text = await page.wait_for(
+            f"(() => {{ const t = {response_js}; return t.includes('3') && t; }})()",
+            "the subscription result",
+        )
+        assert json.loads(text) == {"data": {"ticks": 3}}
+
+        events = list(page.events)
+
+    requested = [e["params"]["request"]["url"] for e in events if e["method"] == "Network.requestWillBeSent"]
+    websockets = [e["params"]["url"] for e in events if e["method"] == "Network.webSocketCreated"]
+    assert f"{origin}/graphiql-assets/graphiql.min.js?v={token}" in requested
+    assert websockets, "the subscription did not open a websocket"
+    local = [url for url in [*resources, *requested, *websockets] if not url.startswith("data:")]
+    external = [url for url in local if not (url.startswith((origin + "/", ws_origin + "/")))]
+    assert external == [], f"requests to other hosts: {external}"
+    assert all(urlsplit(url).hostname == "127.0.0.1" for url in local)
+
+    errors = [e["params"] for e in events if e["method"] == "Runtime.exceptionThrown"]
+    errors += [
+        e["params"]["entry"]
+        for e in events
+        if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
+    ]
+    errors += [
+        e["params"]
+        for e in events
+        if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error"
+    ]
+    assert errors == [], f"browser errors: {errors}"
+    print(f"browser test took {time.monotonic() - started:.1f}s")

@@ -1,0 +1,342 @@
+"""The storage contract, run against every adapter (`store`), plus S3-only failure behaviour."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from s3server import SeaweedServer, free_ports
+
+from service.errors import InvalidKey, ObjectNotFound, StorageError
+from service.minio_store import MinioStore
+from service.storage import ObjectInfo, ObjectStore
+
+SECRET = "never-show-this-secret-0123456789"
+
+
+async def pages_of(store: ObjectStore, prefix: str = "") -> list[list[ObjectInfo]]:
+    return [page async for page in store.list(prefix)]
+
+
+async def listed(store: ObjectStore, prefix: str = "") -> dict[str, ObjectInfo]:
+    return {info.key: info for page in await pages_of(store, prefix) for info in page}
+
+
+async def put_all(store: ObjectStore, keys: list[str], concurrency: int = 64) -> None:
+    limit = asyncio.Semaphore(concurrency)
+
+    async def put(key: str) -> None:
+        async with limit:
+            await store.put(key, key.encode())
+
+    await asyncio.gather(*(put(key) for key in keys))
+
+
+# -- contract: every adapter ---------------------------------------------------------------
+
+
+async def test_binary_roundtrip(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 64
+    await store.put("users/1.bin", data)
+    assert await store.get("users/1.bin") == data
+    assert (await store.stat("users/1.bin")).size == len(data)
+
+
+async def test_empty_object(store: ObjectStore) -> None:
+    await store.put("empty.csv", b"")
+    assert await store.get("empty.csv") == b""
+    assert await store.get("empty.csv", max_bytes=10) == b""
+    assert (await store.stat("empty.csv")).size == 0
+    assert (await listed(store))["empty.csv"].size == 0
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["users/ünïcødé-日本語.csv", "with space/a b.csv", "odd/a+b %41&c=d#e?'.csv", "top.csv", "a/b/c/d/e.csv"],
+)
+async def test_key_roundtrip(store: ObjectStore, key: str) -> None:
+    await store.put(key, key.encode())
+    assert await store.get(key) == key.encode()
+    assert list(await listed(store)) == [key]
+    assert (await store.stat(key)).key == key
+
+
+async def test_put_etag_is_the_listed_and_stat_etag(store: ObjectStore) -> None:
+    etag = await store.put("a.csv", b"first_name,last_name\n")
+    assert etag
+    assert '"' not in etag
+    assert (await store.stat("a.csv")).etag == etag
+    assert (await listed(store))["a.csv"].etag == etag
+
+
+async def test_overwrite_same_size_changes_etag(store: ObjectStore) -> None:
+    first = await store.put("u.csv", b"aaaa")
+    second = await store.put("u.csv", b"bbbb")
+    assert first != second
+    assert (await store.stat("u.csv")).etag == second
+    assert (await listed(store))["u.csv"].etag == second
+    assert await store.get("u.csv") == b"bbbb"
+
+
+async def test_list_is_recursive_and_ordered_by_key(store: ObjectStore) -> None:
+    keys = ["b.csv", "a/1.csv", "a/x/2.csv", "a/x/y/3.png", "c/d.png", "ab.csv", "a/ü.csv", "a/B.csv"]
+    await put_all(store, keys)
+    pages = await pages_of(store)
+    found = [info.key for page in pages for info in page]
+    assert found == sorted(keys)
+    assert all(page for page in pages)
+    for info in (info for page in pages for info in page):
+        assert info.size == len(info.key.encode())
+
+
+async def test_list_order_is_byte_order_across_directories(
+    store: ObjectStore, request: pytest.FixtureRequest
+) -> None:
+    if isinstance(store, MinioStore):
+        # S3 (and MinIO) list in UTF-8 byte order: "d-old/x" < "d.csv" < "d/x". SeaweedFS lists a
+        # directory's subtree where the directory name sorts ("d/x" first). Strict: fails once fixed.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="SeaweedFS lists in directory-walk order"))
+    keys = ["src-data/x.csv", "src-data-old/x.csv", "src-data.csv", "src-data/y/z.csv"]
+    await put_all(store, keys)
+    assert [info.key for page in await pages_of(store) for info in page] == sorted(keys)
+
+
+async def test_list_paginates_beyond_1000_objects(store: ObjectStore) -> None:
+    keys = [f"many/{i:05d}.csv" for i in range(1100)]
+    await put_all(store, keys)
+    await store.put("other/outside.csv", b"x")
+    pages = await pages_of(store, "many/")
+    assert len(pages) >= 2
+    assert all(0 < len(page) <= 1000 for page in pages)
+    assert [info.key for page in pages for info in page] == keys
+
+
+async def test_prefix_filtering(store: ObjectStore) -> None:
+    keys = ["src-data/a.csv", "src-data/sub/b.csv", "src-data-old/x.csv", "src-data.csv", "other/src-data/c"]
+    await put_all(store, keys)
+    assert sorted(await listed(store, "src-data/")) == ["src-data/a.csv", "src-data/sub/b.csv"]
+    assert sorted(await listed(store, "src-data")) == sorted(k for k in keys if k.startswith("src-data"))
+    assert sorted(await listed(store, "src-data/s")) == ["src-data/sub/b.csv"]
+    assert await pages_of(store, "nothing/") == []
+
+
+@pytest.mark.parametrize(("max_bytes", "expected"), [(0, 1), (10, 11), (99, 100), (100, 100), (5000, 100)])
+async def test_get_reads_at_most_max_bytes_plus_one(
+    store: ObjectStore, max_bytes: int, expected: int
+) -> None:
+    data = bytes(range(100))
+    await store.put("big.csv", data)
+    assert await store.get("big.csv", max_bytes=max_bytes) == data[:expected]
+
+
+async def test_missing_object(store: ObjectStore) -> None:
+    with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
+        await store.get("dir/nope.csv")
+    with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
+        await store.get("dir/nope.csv", max_bytes=10)
+    with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
+        await store.stat("dir/nope.csv")
+    assert not await store.exists("dir/nope.csv")
+    await store.delete("dir/nope.csv")
+
+
+async def test_delete_and_exists(store: ObjectStore) -> None:
+    await store.put("d/x.csv", b"1")
+    assert await store.exists("d/x.csv")
+    await store.delete("d/x.csv")
+    assert not await store.exists("d/x.csv")
+    assert await listed(store) == {}
+    await store.delete("d/x.csv")
+
+
+async def test_a_prefix_is_not_an_object(store: ObjectStore, request: pytest.FixtureRequest) -> None:
+    if not isinstance(store, MinioStore):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="LocalStore stats directories"))
+    await store.put("dir/x.csv", b"1")
+    await store.delete("dir")
+    assert not await store.exists("dir")
+    with pytest.raises(ObjectNotFound):
+        await store.get("dir")
+    with pytest.raises(ObjectNotFound):
+        await store.stat("dir")
+
+
+async def test_a_listing_never_leaves_the_bucket(store: ObjectStore, request: pytest.FixtureRequest) -> None:
+    if not isinstance(store, MinioStore):
+        request.applymarker(pytest.mark.xfail(strict=True, reason="LocalStore walks '..' in prefixes"))
+    await store.put("a.csv", b"1")
+    assert await pages_of(store, "../") == []
+
+
+@pytest.mark.parametrize("key", ["../x.csv", "a/../../b", "/etc/passwd", "", "a//b", "./a", "a/.", "a\\b"])
+async def test_invalid_keys_are_refused(store: ObjectStore, key: str) -> None:
+    with pytest.raises(InvalidKey):
+        await store.get(key)
+    with pytest.raises(InvalidKey):
+        await store.put(key, b"x")
+    with pytest.raises(InvalidKey):
+        await store.stat(key)
+    with pytest.raises(InvalidKey):
+        await store.delete(key)
+
+
+async def test_ensure_bucket_is_idempotent(store: ObjectStore) -> None:
+    await store.put("keep.csv", b"kept")
+    await store.ensure_bucket()
+    await asyncio.gather(store.ensure_bucket(), store.ensure_bucket())
+    assert await store.get("keep.csv") == b"kept"
+
+
+async def test_last_modified_is_utc_and_recent(store: ObjectStore) -> None:
+    before = datetime.now(UTC)
+    await store.put("t.csv", b"x")
+    after = datetime.now(UTC)
+    for info in [await store.stat("t.csv"), (await listed(store))["t.csv"]]:
+        assert info.last_modified.utcoffset() == timedelta(0)
+        # S3 reports whole seconds (truncated), so allow a little slack below `before`.
+        assert before - timedelta(seconds=2) <= info.last_modified <= after + timedelta(seconds=1)
+
+
+# -- S3 adapter only -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def closed_port() -> int:
+    return free_ports(1)[0]
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port whose listener never accepts: connects succeed, requests are never answered."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        yield sock.getsockname()[1]
+
+
+async def test_unreachable_endpoint_fails_quickly(closed_port: int) -> None:
+    store = MinioStore(f"127.0.0.1:{closed_port}", "access", SECRET, "bucket", timeout=1.0, retries=2)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            await store.get("users/1.csv")
+        assert time.monotonic() - began < 3.0
+    finally:
+        await store.close()
+    message = str(caught.value)
+    assert "'users/1.csv'" in message
+    assert "after 3 attempts" in message
+    assert SECRET not in message
+    assert caught.value.__cause__ is not None
+
+
+async def test_every_operation_raises_storage_errors(closed_port: int) -> None:
+    store = MinioStore(f"127.0.0.1:{closed_port}", "access", SECRET, "bucket", timeout=1.0, retries=0)
+    operations: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+        ("users/1.csv", lambda: store.get("users/1.csv", max_bytes=10)),
+        ("users/1.csv", lambda: store.stat("users/1.csv")),
+        ("users/1.csv", lambda: store.exists("users/1.csv")),
+        ("users/1.csv", lambda: store.put("users/1.csv", b"x")),
+        ("users/1.csv", lambda: store.delete("users/1.csv")),
+        ("users/", lambda: pages_of(store, "users/")),
+        ("bucket", store.ensure_bucket),
+    ]
+    try:
+        for name, operation in operations:
+            with pytest.raises(StorageError) as caught:
+                await operation()
+            assert not isinstance(caught.value, ObjectNotFound)
+            assert name in str(caught.value)
+            assert SECRET not in str(caught.value)
+            assert caught.value.__cause__ is not None
+    finally:
+        await store.close()
+
+
+async def test_unanswered_requests_time_out(silent_port: int) -> None:
+    store = MinioStore(f"127.0.0.1:{silent_port}", "access", SECRET, "bucket", timeout=0.2, retries=1)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StorageError, match="timed out") as caught:
+            await store.get("users/1.csv")
+        with pytest.raises(StorageError, match="timed out"):
+            await pages_of(store, "users/")
+        assert time.monotonic() - began < 3.0
+    finally:
+        await store.close()
+    assert "'users/1.csv'" in str(caught.value)
+    assert "after 2 attempts" in str(caught.value)
+    assert SECRET not in str(caught.value)
+
+
+@pytest.mark.s3
+async def test_wrong_secret_is_not_retried(seaweed: SeaweedServer) -> None:
+    store = MinioStore(seaweed.endpoint, seaweed.access_key, SECRET, "bucket", retries=5)
+    try:
+        began = time.monotonic()
+        with pytest.raises(StorageError) as caught:
+            await store.get("users/1.csv")
+        assert time.monotonic() - began < 1.0
+    finally:
+        await store.close()
+    assert "SignatureDoesNotMatch" in str(caught.value)
+    assert SECRET not in str(caught.value)
+    assert "attempts" not in str(caught.value)
+
+
+@pytest.mark.s3
+async def test_missing_bucket_is_not_a_missing_object(seaweed: SeaweedServer) -> None:
+    store = MinioStore(seaweed.endpoint, seaweed.access_key, seaweed.secret_key, "no-such-bucket-here")
+    try:
+        with pytest.raises(StorageError, match="NoSuchBucket") as caught:
+            await store.get("users/1.csv")
+    finally:
+        await store.close()
+    assert not isinstance(caught.value, ObjectNotFound)
+
+
+@pytest.mark.s3
+async def test_stalled_server_is_retried(seaweed: SeaweedServer, minio_store: MinioStore) -> None:
+    store = seaweed.store(minio_store.bucket, timeout=0.5, retries=4)
+    try:
+        await store.put("users/1.csv", b"data")
+        seaweed.pause()
+        resuming = asyncio.get_running_loop().call_later(0.8, seaweed.resume)
+        try:
+            began = time.monotonic()
+            assert await store.get("users/1.csv") == b"data"
+        finally:
+            resuming.cancel()
+            seaweed.resume()
+        assert time.monotonic() - began >= 0.5
+    finally:
+        await store.close()
+
+
+@pytest.mark.s3
+async def test_ensure_bucket_creates_a_missing_bucket_once(seaweed: SeaweedServer) -> None:
+    bucket = f"test-{uuid.uuid4().hex[:16]}"
+    stores = [seaweed.store(bucket) for _ in range(4)]
+    try:
+        await asyncio.gather(*(store.ensure_bucket() for store in stores))  # racing creators
+        await stores[0].put("a.csv", b"a")
+        assert await stores[1].get("a.csv") == b"a"
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+
+
+def test_repr_hides_the_secret() -> None:
+    store = MinioStore("127.0.0.1:9000", "access", SECRET, "bucket")
+    assert SECRET not in repr(store)
+    assert SECRET not in str(store)
+    assert "bucket" in repr(store)
+
+
+def test_invalid_bucket_name_is_a_storage_error() -> None:
+    with pytest.raises(StorageError, match="bucket"):
+        MinioStore("127.0.0.1:9000", "access", SECRET, "x")
