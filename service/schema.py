@@ -21,6 +21,7 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
+from strawberry.types import ExecutionContext
 
 from . import output, query
 from .errors import BadRequest, NotReady, Unauthorized
@@ -229,8 +230,18 @@ def _should_mask(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, _EXPECTED_ERRORS)
 
 
+class ServiceSchema(strawberry.Schema):
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        # Client mistakes are answered, not logged; only unexpected errors reach the log (once).
+        unexpected = [error for error in errors if _should_mask(error)]
+        if unexpected:
+            super().process_errors(unexpected, execution_context)
+
+
 def build_schema() -> strawberry.Schema:
-    return strawberry.Schema(
+    return ServiceSchema(
         query=Query,
         mutation=Mutation,
         config=StrawberryConfig(

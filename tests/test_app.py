@@ -1,0 +1,416 @@
+"""The real app over HTTP: GraphQL and REST against independently computed expectations."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import statistics
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+
+from service.app import create_app
+from service.config import Settings
+from service.local_store import LocalStore
+from service.storage import ObjectStore
+
+NEVER = "0 0 1 1 *"  # the schedule stays out of the way; tests trigger runs themselves
+TODAY = datetime.now(UTC).date()
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+def ms(day: date) -> int:
+    return int(datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp() * 1000)
+
+
+def years_ago(years: int, days: int = 0) -> date:
+    try:
+        anniversary = TODAY.replace(year=TODAY.year - years)
+    except ValueError:  # 29 February today, in a year without one
+        anniversary = date(TODAY.year - years, 3, 1)
+    return anniversary + timedelta(days=days)
+
+
+def age_on(born: date, today: date = TODAY) -> int:
+    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
+
+
+# user_id -> (birth date, image extension or None)
+PEOPLE: dict[str, tuple[date, str | None]] = {
+    "1000": (years_ago(30), "png"),  # 30th birthday today
+    "1001": (years_ago(30, days=1), None),  # 30 tomorrow: still 29
+    "1002": (years_ago(30, days=-1), "jpg"),  # 30 since yesterday
+    "1003": (date(2004, 2, 29), None),  # a leapling
+    "1004": (date(1950, 6, 1), "png"),
+    "1005": (date(1969, 12, 31), None),
+    "0042": (years_ago(18), "JPEG"),
+}
+
+
+def csv_of(user_id: str, born: date) -> bytes:
+    return f"first_name, last_name, birthts\nName{user_id}, Last{user_id}, {ms(born)}\n".encode()
+
+
+async def seed(store: ObjectStore, people: dict[str, tuple[date, str | None]] = PEOPLE) -> None:
+    await store.ensure_bucket()
+    for user_id, (born, image) in people.items():
+        await store.put(f"src-data/{user_id}.csv", csv_of(user_id, born))
+        if image:
+            await store.put(f"src-data/img/{user_id}.{image}", f"image of {user_id}".encode())
+    await store.put("src-data/broken.csv", b"first_name\nonly\n")
+
+
+async def wait_ready(client: TestClient[Any, Any]) -> None:
+    for _ in range(200):
+        response = await client.get("/readyz")
+        if response.status == 200:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the app never became ready")
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> AsyncIterator[LocalStore]:
+    store = LocalStore(tmp_path, "datalake")
+    await seed(store)
+    yield store
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(schedule=NEVER, max_page_size=5)
+
+
+@pytest.fixture
+async def client(
+    aiohttp_client: ClientFactory, local: LocalStore, settings: Settings
+) -> TestClient[Any, Any]:
+    client = await aiohttp_client(create_app(settings, store=local))
+    await wait_ready(client)
+    return client
+
+
+async def gql(
+    client: TestClient[Any, Any], query: str, headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    response = await client.post("/graphql", json={"query": query}, headers=headers)
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    return body
+
+
+def expected(has_image: bool | None, min_age: int | None, max_age: int | None) -> list[str]:
+    return [
+        uid
+        for uid, (born, image) in sorted(PEOPLE.items())
+        if (has_image is None or (image is not None) == has_image)
+        and (min_age is None or age_on(born) >= min_age)
+        and (max_age is None or age_on(born) <= max_age)
+    ]
+
+
+def graphql_filter(has_image: bool | None, min_age: int | None, max_age: int | None) -> str:
+    parts = [
+        f"{name}: {str(value).lower()}"
+        for name, value in (("isImageExists", has_image), ("minAge", min_age), ("maxAge", max_age))
+        if value is not None
+    ]
+    return "{" + ", ".join(parts) + "}"
+
+
+async def test_every_filter_combination_over_graphql_and_rest(client: TestClient[Any, Any]) -> None:
+    for has_image, min_age, max_age in itertools.product(
+        [None, True, False], [None, 0, 29, 30, 31], [None, 29, 30, 80]
+    ):
+        if min_age is not None and max_age is not None and min_age > max_age:
+            continue
+        want = expected(has_image, min_age, max_age)
+        flt = graphql_filter(has_image, min_age, max_age)
+        body = await gql(
+            client,
+            f"{{ users(filter: {flt}, limit: 5) {{ userId age }} stats(filter: {flt}) {{ count averageAge }} }}",
+        )
+        assert [u["userId"] for u in body["data"]["users"]] == want[:5]
+        ages = [age_on(PEOPLE[uid][0]) for uid in want]
+        assert body["data"]["stats"]["count"] == len(want)
+        assert body["data"]["stats"]["averageAge"] == (pytest.approx(statistics.mean(ages)) if ages else None)
+
+        params = {
+            k: str(v).lower()
+            for k, v in (("is_image_exists", has_image), ("min_age", min_age), ("max_age", max_age))
+            if v is not None
+        }
+        data = await (await client.get("/data", params=params)).json()
+        assert [r["user_id"] for r in data] == want
+        stats = await (await client.get("/stats", params=params)).json()
+        assert stats["count"] == len(want)
+        assert stats["average_age"] == (pytest.approx(statistics.mean(ages)) if ages else None)
+
+
+async def test_user_fields(client: TestClient[Any, Any]) -> None:
+    body = await gql(
+        client,
+        '{ a: user(userId: "1000") { userId firstName lastName birthts birthDate age imgPath imageUrl } '
+        'b: user(userId: "1003") { age imgPath imageUrl } c: user(userId: "nobody") { userId } }',
+    )
+    born = PEOPLE["1000"][0]
+    assert body["data"]["a"] == {
+        "userId": "1000",
+        "firstName": "Name1000",
+        "lastName": "Last1000",
+        "birthts": ms(born),
+        "birthDate": born.isoformat(),
+        "age": 30,
+        "imgPath": "src-data/img/1000.png",
+        "imageUrl": f"http://{client.host}:{client.port}/images/1000",
+    }
+    assert body["data"]["b"] == {"age": age_on(date(2004, 2, 29)), "imgPath": None, "imageUrl": None}
+    assert body["data"]["c"] is None
+
+
+async def test_rest_records_keep_the_output_fields(client: TestClient[Any, Any]) -> None:
+    data = await (await client.get("/data", params={"is_image_exists": "True", "max_age": "18"})).json()
+    assert data == [
+        {
+            "user_id": "0042",
+            "first_name": "Name0042",
+            "last_name": "Last0042",
+            "birthts": ms(PEOPLE["0042"][0]),
+            "img_path": "src-data/img/0042.JPEG",
+        }
+    ]
+    for value, want in (("1", True), ("0", False), ("False", False), ("true", True)):
+        rows = await (await client.get("/data", params={"is_image_exists": value})).json()
+        assert [r["user_id"] for r in rows] == expected(want, None, None)
+
+
+async def test_images_are_served_and_nothing_else(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/images/1002")
+    assert (response.status, response.content_type, await response.read()) == (
+        200,
+        "image/jpeg",
+        b"image of 1002",
+    )
+    assert (await client.get("/images/1001")).status == 404  # no image
+    assert (await client.get("/images/nobody")).status == 404
+    for path in (
+        "/images/..%2F..%2Fprocessed_data%2Foutput.csv",
+        "/images/../processed_data/output.csv",
+        "/images/%2e%2e",
+    ):
+        assert (await client.get(path)).status == 404
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"is_image_exists": "yes"}, "is_image_exists"),
+        ({"min_age": "-1"}, "min_age"),
+        ({"max_age": "ten"}, "max_age"),
+        ({"min_age": "1.5"}, "min_age"),
+        ({"min_age": "40", "max_age": "30"}, "min_age"),
+        ({"min_agee": "3"}, "min_agee"),
+    ],
+)
+async def test_bad_rest_parameters_are_400_naming_them(
+    client: TestClient[Any, Any], params: dict[str, str], name: str
+) -> None:
+    for path in ("/data", "/stats"):
+        response = await client.get(path, params=params)
+        assert response.status == 400
+        assert name in (await response.json())["error"]
+
+
+@pytest.mark.parametrize(
+    ("query", "name"),
+    [
+        ("{ users(filter: {minAge: -1}, limit: 1) { userId } }", "minAge"),
+        ("{ stats(filter: {maxAge: -5}) { count } }", "maxAge"),
+        ("{ stats(filter: {minAge: 50, maxAge: 40}) { count } }", "minAge"),
+        ("{ users(offset: -1, limit: 1) { userId } }", "offset"),
+        ("{ users(limit: 6) { userId } }", "limit"),
+        ("{ users(limit: -1) { userId } }", "limit"),
+        ("{ users { userId } }", "limit"),  # 7 users, page size 5: paginate
+        ("{ users(filter: {minAge: 2147483648}) { userId } }", "32-bit"),
+        ('{ users(filter: {minAge: "x"}) { userId } }', "Int"),
+        ("{ nope }", "nope"),
+    ],
+)
+async def test_bad_graphql_arguments_are_errors_naming_them(
+    client: TestClient[Any, Any], query: str, name: str
+) -> None:
+    body = await gql(client, query)
+    assert body.get("data") is None
+    message = body["errors"][0]["message"]
+    assert name in message and "Internal" not in message
+
+
+async def test_pagination(client: TestClient[Any, Any]) -> None:
+    ids = sorted(PEOPLE)
+    pages = [await gql(client, f"{{ users(limit: 3, offset: {o}) {{ userId }} }}") for o in (0, 3, 6, 9)]
+    assert [[u["userId"] for u in p["data"]["users"]] for p in pages] == [ids[0:3], ids[3:6], ids[6:], []]
+    body = await gql(client, "{ users(filter: {isImageExists: true}) { userId } }")  # 4 <= page size
+    assert [u["userId"] for u in body["data"]["users"]] == expected(True, None, None)
+
+
+async def test_reprocess_picks_up_changes(client: TestClient[Any, Any], local: LocalStore) -> None:
+    await local.put("src-data/2000.csv", csv_of("2000", date(1990, 1, 1)))
+    await local.delete("src-data/1004.csv")
+    body = await gql(client, "mutation { reprocess { outcome added removed users rejected { key reason } } }")
+    run = body["data"]["reprocess"]
+    assert (run["outcome"], run["added"], run["removed"], run["users"]) == ("SUCCEEDED", 1, 1, 7)
+    assert run["rejected"] == [
+        {"key": "src-data/broken.csv", "reason": "header lacks last_name, birthts (found: first_name)"}
+    ]
+    ids = [
+        u["userId"] for u in (await gql(client, "{ users(limit: 5, offset: 2) { userId } }"))["data"]["users"]
+    ]
+    assert "2000" in ids and "1004" not in ids
+    response = await client.post("/data")
+    report = await response.json()
+    assert (response.status, report["outcome"], report["unchanged"], report["trigger"]) == (
+        200,
+        "succeeded",
+        7,
+        "rest",
+    )
+    last = (await gql(client, "{ lastRun { id trigger outcome } runs(limit: 2) { id } }"))["data"]
+    assert last["lastRun"]["trigger"] == "rest" and [r["id"] for r in last["runs"]] == [
+        last["lastRun"]["id"],
+        last["lastRun"]["id"] - 1,
+    ]
+
+
+async def test_concurrent_reprocess_calls_never_overlap(
+    client: TestClient[Any, Any], local: LocalStore
+) -> None:
+    async def call(i: int) -> tuple[datetime, dict[str, Any]]:
+        await asyncio.sleep(i * 0.003)
+        asked = datetime.now(UTC)
+        if i % 3:
+            body = await gql(client, "mutation { reprocess { id startedAt finishedAt } }")
+            return asked, body["data"]["reprocess"]
+        report = await (await client.post("/data")).json()
+        return asked, {
+            "id": report["run_id"],
+            "startedAt": report["started_at"],
+            "finishedAt": report["finished_at"],
+        }
+
+    results = await asyncio.gather(*(call(i) for i in range(30)))
+    for asked, run in results:
+        assert datetime.fromisoformat(run["startedAt"]) >= asked  # a run that began after the call
+    runs = sorted({(r["id"], r["startedAt"], r["finishedAt"]) for _, r in results})
+    assert len(runs) < 30  # coalesced
+    for (_, _, finished), (_, started, _) in itertools.pairwise(runs):
+        assert datetime.fromisoformat(started) >= datetime.fromisoformat(finished)  # never two at once
+
+
+class SlowStore(LocalStore):
+    """Holds every GET until released, to observe the service in the middle of a run."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "datalake")
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        if key.startswith("src-data/"):
+            await self.gate.wait()
+        return await super().get(key, max_bytes)
+
+
+async def test_queries_during_a_run_answer_from_the_previous_snapshot(
+    aiohttp_client: ClientFactory, tmp_path: Path, settings: Settings
+) -> None:
+    store = SlowStore(tmp_path)
+    await seed(store)
+    client = await aiohttp_client(create_app(settings, store=store))
+    await wait_ready(client)
+    await store.put("src-data/3000.csv", csv_of("3000", date(2000, 1, 1)))
+    store.gate.clear()
+    run = asyncio.create_task(gql(client, "mutation { reprocess { users } }"))
+    await asyncio.sleep(0.2)
+    assert not run.done()
+    assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == 7
+    assert (await client.get("/readyz")).status == 200
+    store.gate.set()
+    assert (await run)["data"]["reprocess"]["users"] == 8
+    assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == 8
+
+
+async def test_api_token_protects_runs_only(aiohttp_client: ClientFactory, local: LocalStore) -> None:
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token="t0ken-secret"), store=local))
+    await wait_ready(client)
+    denied = await gql(client, "mutation { reprocess { id } }")
+    assert "Authorization: Bearer" in denied["errors"][0]["message"]
+    wrong = await gql(client, "mutation { reprocess { id } }", headers={"Authorization": "Bearer nope"})
+    assert "Authorization" in wrong["errors"][0]["message"]
+    allowed = await gql(
+        client, "mutation { reprocess { id } }", headers={"Authorization": "Bearer t0ken-secret"}
+    )
+    assert allowed["data"]["reprocess"]["id"] >= 1
+    response = await client.post("/data")
+    assert response.status == 401 and "t0ken-secret" not in await response.text()
+    assert (await client.post("/data", headers={"Authorization": "Bearer t0ken-secret"})).status == 200
+    assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == 7  # queries stay open
+
+
+async def test_not_ready_until_data_is_loaded(
+    aiohttp_client: ClientFactory, tmp_path: Path, settings: Settings
+) -> None:
+    store = SlowStore(tmp_path)
+    await seed(store)
+    store.gate.clear()
+    client = await aiohttp_client(create_app(settings, store=store))
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 503
+    body = await gql(client, "{ stats { count } }")
+    assert "not available yet" in body["errors"][0]["message"]
+    assert (await client.get("/stats")).status == 503
+    store.gate.set()
+    await wait_ready(client)
+
+
+async def test_startup_serves_the_committed_output_before_the_first_run(
+    aiohttp_client: ClientFactory, tmp_path: Path, settings: Settings
+) -> None:
+    await seed(LocalStore(tmp_path, "datalake"))
+    first = await aiohttp_client(create_app(settings, store=LocalStore(tmp_path, "datalake")))
+    await wait_ready(first)
+    await first.close()
+    await LocalStore(tmp_path, "datalake").put("src-data/3000.csv", csv_of("3000", date(2000, 1, 1)))
+    store = SlowStore(tmp_path)
+    store.gate.clear()  # the start-up run cannot finish: the stored output is served meanwhile
+    client = await aiohttp_client(create_app(settings, store=store))
+    await wait_ready(client)
+    assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == 7
+    store.gate.set()
+
+
+async def test_abusive_queries_are_refused(client: TestClient[Any, Any]) -> None:
+    aliases = " ".join(f"a{i}: stats {{ count }}" for i in range(100))
+    deep = "{ lastRun { conflicts { keys } rejected { key } } }"
+    for query in (f"{{ {aliases} }}", "{ " + "users(limit: 1) { userId } " * 3000 + "}"):
+        body = await gql(client, query)
+        assert body["errors"] and "Internal" not in body["errors"][0]["message"]
+    assert "errors" not in await gql(client, deep)
+    response = await client.post(
+        "/graphql", data=b"x" * (300 * 1024), headers={"Content-Type": "application/json"}
+    )
+    assert response.status == 413
+
+
+async def test_graphiql_page_is_served(client: TestClient[Any, Any]) -> None:
+    response = await client.get("/graphql", headers={"Accept": "text/html"})
+    assert response.status in (200, 503)
+    assert "GraphiQL" in await response.text()
+
+
+def test_app_is_an_aiohttp_application(settings: Settings, tmp_path: Path) -> None:
+    assert isinstance(create_app(settings, store=LocalStore(tmp_path, "x-bucket")), web.Application)
