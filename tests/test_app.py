@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import statistics
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -75,10 +75,10 @@ async def wait_ready(client: TestClient[Any, Any]) -> None:
 
 
 @pytest.fixture
-async def local(tmp_path: Path) -> AsyncIterator[LocalStore]:
+async def local(tmp_path: Path) -> LocalStore:
     store = LocalStore(tmp_path, "datalake")
     await seed(store)
-    yield store
+    return store
 
 
 @pytest.fixture
@@ -133,7 +133,8 @@ async def test_every_filter_combination_over_graphql_and_rest(client: TestClient
         flt = graphql_filter(has_image, min_age, max_age)
         body = await gql(
             client,
-            f"{{ users(filter: {flt}, limit: 5) {{ userId age }} stats(filter: {flt}) {{ count averageAge }} }}",
+            f"{{ users(filter: {flt}, limit: 5) {{ userId age }} "
+            f"stats(filter: {flt}) {{ count averageAge }} }}",
         )
         assert [u["userId"] for u in body["data"]["users"]] == want[:5]
         ages = [age_on(PEOPLE[uid][0]) for uid in want]
