@@ -415,3 +415,35 @@ async def test_graphiql_page_is_served(client: TestClient[Any, Any]) -> None:
 
 def test_app_is_an_aiohttp_application(settings: Settings, tmp_path: Path) -> None:
     assert isinstance(create_app(settings, store=LocalStore(tmp_path, "x-bucket")), web.Application)
+
+
+async def test_the_schedule_triggers_runs(aiohttp_client: ClientFactory, local: LocalStore) -> None:
+    client = await aiohttp_client(create_app(Settings(schedule="* * * * * *"), store=local))  # every second
+    await wait_ready(client)
+    for _ in range(100):
+        runs = (await gql(client, "{ runs(limit: 5) { trigger outcome } }"))["data"]["runs"]
+        if any(run["trigger"] == "schedule" for run in runs):
+            break
+        await asyncio.sleep(0.05)
+    assert {"trigger": "schedule", "outcome": "SUCCEEDED"} in runs
+
+
+async def test_the_same_flow_against_s3(
+    aiohttp_client: ClientFactory, minio_store: ObjectStore, settings: Settings
+) -> None:
+    await seed(minio_store)
+    client = await aiohttp_client(create_app(settings, store=minio_store))
+    await wait_ready(client)
+    body = await gql(client, "{ stats { count } users(limit: 2) { userId imgPath } }")
+    assert body["data"]["stats"]["count"] == len(PEOPLE)
+    assert body["data"]["users"] == [
+        {"userId": "0042", "imgPath": "src-data/img/0042.JPEG"},
+        {"userId": "1000", "imgPath": "src-data/img/1000.png"},
+    ]
+    image = await client.get("/images/0042")
+    assert (image.status, image.content_type, await image.read()) == (200, "image/jpeg", b"image of 0042")
+    await minio_store.put("src-data/4000.csv", csv_of("4000", date(1980, 5, 5)))
+    run = (await gql(client, "mutation { reprocess { added users } }"))["data"]["reprocess"]
+    assert run == {"added": 1, "users": len(PEOPLE) + 1}
+    stored = (await minio_store.get("processed_data/output.csv")).decode().splitlines()
+    assert stored[0] == "user_id,first_name,last_name,birthts,img_path" and len(stored) == len(PEOPLE) + 2

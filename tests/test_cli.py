@@ -1,0 +1,86 @@
+"""The command line, run as a user runs it: a subprocess with environment variables."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "API_TOKEN"))} | env
+    return subprocess.run(
+        [sys.executable, "-m", "service", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=ROOT,
+        timeout=120,
+    )
+
+
+def test_demo_data_then_process(tmp_path: Path) -> None:
+    env = {"DATA_DIR": str(tmp_path)}
+    written = cli(
+        "demo-data", "--users", "300", "--image-ratio", "0.5", "--seed", "7", "--with-bad-files", env=env
+    )
+    assert written.returncode == 0, written.stderr
+    assert "wrote 300 users" in written.stdout
+    assert len(list((tmp_path / "datalake" / "src-data").glob("*.csv"))) == 300 + 7
+
+    first = cli("process", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "users 300" in first.stdout and "added 300" in first.stdout
+    assert "src-data/bad-two-rows.csv: 2 data rows, expected exactly one" in first.stdout
+    assert "\r" not in first.stderr  # no progress bar in a pipe
+
+    second = cli("process", "--json", env=env)
+    report = json.loads(second.stdout)
+    assert (report["fetched"], report["unchanged"], report["output_written"]) == (0, 300, False)
+    assert len(report["rejected"]) == 7
+    output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text()
+    assert output.splitlines()[0] == "user_id,first_name,last_name,birthts,img_path"
+    assert len(output.splitlines()) == 301
+
+
+def test_same_seed_same_data(tmp_path: Path) -> None:
+    for name in ("a", "b"):
+        cli("demo-data", "--users", "50", "--seed", "3", env={"DATA_DIR": str(tmp_path / name)})
+    files_a = sorted((tmp_path / "a").rglob("*"))
+    assert [p.read_bytes() for p in files_a if p.is_file()] == [
+        p.read_bytes() for p in sorted((tmp_path / "b").rglob("*")) if p.is_file()
+    ]
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"FETCH_CONCURRENCY": "lots"}, "FETCH_CONCURRENCY"),
+        ({"MINIO_ENDPOINT": "localhost:9000"}, "MINIO_ACCESS_KEY"),
+        ({"MINIO_ENDPOINT": "http://x"}, "MINIO_ENDPOINT"),
+    ],
+)
+def test_bad_configuration_stops_with_the_variable_name(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    result = cli("process", env={"DATA_DIR": str(tmp_path), **env})
+    assert result.returncode == 2
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unreachable_store_is_a_one_line_failure(tmp_path: Path) -> None:
+    env = {
+        "MINIO_ENDPOINT": "127.0.0.1:9",  # discard port: nothing listens
+        "MINIO_ACCESS_KEY": "key",
+        "MINIO_SECRET_KEY": "super-secret-value",
+    }
+    result = cli("process", env=env)
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
+    assert "super-secret-value" not in result.stderr + result.stdout

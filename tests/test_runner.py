@@ -1,0 +1,103 @@
+"""One run at a time, coalesced triggers, failures as reports, clean shutdown, the schedule."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from service.aggregator import Aggregator, RunResult
+from service.app import scheduled_run
+from service.errors import StorageError
+from service.local_store import LocalStore
+from service.report import Outcome
+from service.runner import Runner, RunnerClosed
+
+OUTPUT = "processed_data/output.csv"
+
+
+class GatedStore(LocalStore):
+    """Blocks source GETs while the gate is closed; can be made to fail listings."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "datalake")
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.broken = False
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        if key.startswith("src-data/"):
+            await self.gate.wait()
+        return await super().get(key, max_bytes)
+
+    async def stat(self, key: str):  # type: ignore[no-untyped-def]
+        if self.broken:
+            raise StorageError("connection refused (injected)")
+        return await super().stat(key)
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> GatedStore:
+    store = GatedStore(tmp_path)
+    await store.ensure_bucket()
+    await store.put("src-data/1.csv", b"first_name,last_name,birthts\nA,B,1\n")
+    return store
+
+
+def runner_for(store: GatedStore, published: list[RunResult]) -> Runner:
+    aggregator = Aggregator(store, src_prefix="src-data/", output_key=OUTPUT, concurrency=4)
+    return Runner(aggregator, published.append)
+
+
+async def test_triggers_during_a_run_coalesce_into_one_follow_up(store: GatedStore) -> None:
+    published: list[RunResult] = []
+    runner = runner_for(store, published)
+    store.gate.clear()
+    first = asyncio.create_task(runner.run("a"))
+    await asyncio.sleep(0.05)
+    followers = [asyncio.create_task(runner.run(f"b{i}")) for i in range(10)]
+    await asyncio.sleep(0.05)
+    store.gate.set()
+    reports = await asyncio.gather(first, *followers)
+    assert reports[0].run_id == 1
+    assert {r.run_id for r in reports[1:]} == {2}  # ten callers, one follow-up run
+    assert reports[1].trigger == "b0"
+    assert len(published) == 2 and [r.run_id for r in runner.history] == [1, 2]
+    await runner.close()
+
+
+async def test_a_failed_run_is_a_report_and_the_next_one_recovers(store: GatedStore) -> None:
+    published: list[RunResult] = []
+    runner = runner_for(store, published)
+    store.broken = True
+    failed = await runner.run("startup")
+    assert failed.outcome is Outcome.FAILED and failed.error is not None
+    assert "injected" in failed.error and published == []
+    store.broken = False
+    recovered = await runner.run("schedule")
+    assert recovered.outcome is Outcome.SUCCEEDED and recovered.users == 1
+    assert runner.last_report is recovered
+    await runner.close()
+
+
+async def test_shutdown_cancels_the_run_in_flight_without_partial_output(store: GatedStore) -> None:
+    published: list[RunResult] = []
+    runner = runner_for(store, published)
+    store.gate.clear()
+    waiting = asyncio.create_task(runner.run("mutation"))
+    await asyncio.sleep(0.05)
+    await runner.close()
+    with pytest.raises(RunnerClosed):
+        await waiting
+    assert not await store.exists(OUTPUT) and published == []
+    with pytest.raises(RunnerClosed):
+        await runner.run("late")
+
+
+async def test_the_cron_callback_runs_through_the_runner(store: GatedStore) -> None:
+    published: list[RunResult] = []
+    runner = runner_for(store, published)
+    await scheduled_run(runner)
+    assert [r.trigger for r in runner.history] == ["schedule"]
+    await runner.close()
