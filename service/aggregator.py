@@ -63,9 +63,7 @@ class _State:
 class _Results:
     """Parse results of fetched CSVs, as columns."""
 
-    columns: dict[str, list[object]] = field(
-        default_factory=lambda: {c: [] for c in ["key", *mf.RESULT_COLUMNS]}
-    )
+    columns: dict[str, list[object]] = field(default_factory=lambda: {c: [] for c in ["key", *mf.RESULT_COLUMNS]})
     vanished: set[str] = field(default_factory=set)
 
     def ok(self, key: str, first: str, last: str, birthts: int) -> None:
@@ -167,13 +165,9 @@ class Aggregator:
         seed = await self._read_seed(warnings) if output_etag is not None else out.empty_output()
         for warning in warnings:
             logger.warning("%s", warning)
-        return _State(
-            mf.empty(), header, seed, seed.set_index("user_id"), full_rebuild=True, warnings=warnings
-        )
+        return _State(mf.empty(), header, seed, seed.set_index("user_id"), full_rebuild=True, warnings=warnings)
 
-    async def _read_manifest(
-        self, warnings: list[str]
-    ) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
+    async def _read_manifest(self, warnings: list[str]) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
         try:
             etag = (await self._store.stat(self.manifest_key)).etag
         except ObjectNotFound:

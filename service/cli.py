@@ -89,9 +89,7 @@ class _ProgressLine:
         if now - self._last < 0.1:
             return
         self._last = now
-        self._stream.write(
-            f"\rlisted {progress.listed:,}  fetched {progress.fetched:,}/{progress.to_fetch:,}"
-        )
+        self._stream.write(f"\rlisted {progress.listed:,}  fetched {progress.fetched:,}/{progress.to_fetch:,}")
         self._stream.flush()
 
     def close(self) -> None:

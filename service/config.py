@@ -37,6 +37,8 @@ class Settings:
     schedule: str = "*/5 * * * *"
     api_token: str | None = field(default=None, repr=False)
     max_page_size: int = 10_000
+    log_format: str = "text"
+    introspection: bool = True
 
     @property
     def uses_minio(self) -> bool:
@@ -70,6 +72,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         schedule=_schedule(env),
         api_token=_text(env, "API_TOKEN"),
         max_page_size=_int(env, "MAX_PAGE_SIZE", 10_000, 1, 1_000_000),
+        log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
+        introspection=_bool(env, "GRAPHQL_INTROSPECTION", default=True),
     )
 
 
@@ -88,6 +92,13 @@ def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if not low <= value <= high:
         raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    value = (_text(env, name) or choices[0]).lower()
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 

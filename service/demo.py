@@ -44,17 +44,10 @@ def tiny_png(seed: int) -> bytes:
 
     pixel = bytes([0, seed % 256, (seed // 256) % 256, 128])
     header = struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(pixel))
-        + chunk(b"IEND", b"")
-    )
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(pixel)) + chunk(b"IEND", b"")
 
 
-def demo_objects(
-    users: int, image_ratio: float, seed: int, first_id: int = 1000
-) -> Iterator[tuple[str, bytes]]:
+def demo_objects(users: int, image_ratio: float, seed: int, first_id: int = 1000) -> Iterator[tuple[str, bytes]]:
     """Yield (name, content) for each user's CSV and, for about `image_ratio` of them, a PNG."""
     rng = random.Random(seed)
     for number in range(first_id, first_id + users):

@@ -281,8 +281,7 @@ def graphiql_html(asset_base: str = DEFAULT_ASSET_BASE, *, cache_token: str | No
         return html.escape(f"{base}/{name}{suffix}", quote=True)
 
     stylesheets = "\n".join(
-        f'    <link rel="stylesheet" href="{url(name)}" />'
-        for name in ("graphiql.min.css", "plugin-explorer.css")
+        f'    <link rel="stylesheet" href="{url(name)}" />' for name in ("graphiql.min.css", "plugin-explorer.css")
     )
     scripts = "\n".join(
         f'    <script src="{url(name)}"></script>'
@@ -411,9 +410,7 @@ class OfflineGraphQLView(GraphQLView[Context, RootValue]):
         headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
         directory = assets_dir()
         if directory is None:
-            return web.Response(
-                status=503, text=missing_assets_html(), content_type="text/html", headers=headers
-            )
+            return web.Response(status=503, text=missing_assets_html(), content_type="text/html", headers=headers)
         base = request.config_dict.get(ASSET_BASE_KEY, self.asset_base)
         page = graphiql_html(base, cache_token=assets_fingerprint(directory))
         return web.Response(text=page, content_type="text/html", headers=headers)

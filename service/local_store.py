@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 import tempfile
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import ObjectNotFound, StorageError
-from .storage import ObjectInfo, check_key
+from .storage import ObjectInfo, check_key, check_prefix
 
 PAGE_SIZE = 1000
-_TMP_SUFFIX = ".partial"
 
 
 class LocalStore:
@@ -21,6 +21,9 @@ class LocalStore:
 
     def __init__(self, data_dir: Path, bucket: str) -> None:
         self._root = Path(data_dir) / bucket
+        # Temporary files live beside the buckets (same file system, for atomic renames), never in
+        # one: ".tmp" cannot be a bucket name.
+        self._tmp = Path(data_dir) / ".tmp"
         self._bucket = bucket
 
     @property
@@ -30,6 +33,7 @@ class LocalStore:
     async def ensure_bucket(self) -> None:
         try:
             await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
+            await asyncio.to_thread(self._tmp.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot create {self._root}: {exc.strerror}") from exc
 
@@ -38,7 +42,7 @@ class LocalStore:
 
     async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
         # A walk is blocking I/O: run it in a thread a page at a time, keeping key order.
-        keys = await asyncio.to_thread(_sorted_keys, self._root, prefix)
+        keys = await asyncio.to_thread(_sorted_keys, self._root, check_prefix(prefix))
         for start in range(0, len(keys), PAGE_SIZE):
             page = await asyncio.to_thread(_stat_many, self._root, keys[start : start + PAGE_SIZE])
             if page:
@@ -50,21 +54,26 @@ class LocalStore:
 
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
-        return await asyncio.to_thread(_write_atomic, path, key, data)
+        return await asyncio.to_thread(_write_atomic, path, key, data, self._tmp)
 
     async def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
         try:
-            return _info(key, await asyncio.to_thread(os.stat, path))
-        except FileNotFoundError as exc:
+            status = await asyncio.to_thread(os.stat, path)
+        except (FileNotFoundError, NotADirectoryError) as exc:
             raise ObjectNotFound(f"no object {key!r}") from exc
         except OSError as exc:
             raise StorageError(f"cannot stat {key!r}: {exc.strerror}") from exc
+        if not stat.S_ISREG(status.st_mode):
+            raise ObjectNotFound(f"no object {key!r}")  # a directory is not an object
+        return _info(key, status)
 
     async def delete(self, key: str) -> None:
         path = self._path(key)
         try:
             await asyncio.to_thread(path.unlink, missing_ok=True)
+        except (IsADirectoryError, NotADirectoryError):
+            return  # not an object: nothing to delete
         except OSError as exc:
             raise StorageError(f"cannot delete {key!r}: {exc.strerror}") from exc
 
@@ -96,10 +105,11 @@ def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
         raise StorageError(f"cannot read {key!r}: {exc.strerror}") from exc
 
 
-def _write_atomic(path: Path, key: str, data: bytes) -> str:
+def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".", suffix=_TMP_SUFFIX)
+        tmp_dir.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=tmp_dir)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -128,7 +138,7 @@ def _sorted_keys(base: Path, prefix: str) -> list[str]:
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
                 stack.append(Path(entry.path))
-            elif entry.is_file(follow_symlinks=False) and not entry.name.endswith(_TMP_SUFFIX):
+            elif entry.is_file(follow_symlinks=False):
                 key = Path(entry.path).relative_to(base).as_posix()
                 if key.startswith(prefix):
                     keys.append(key)

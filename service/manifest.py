@@ -63,9 +63,7 @@ def _ns(info: ObjectInfo) -> int:
     return int(info.last_modified.timestamp() * 1_000_000) * 1000
 
 
-def merge(
-    listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: pd.DataFrame
-) -> pd.DataFrame:
+def merge(listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: pd.DataFrame) -> pd.DataFrame:
     """The new manifest: listed objects, with fresh results for fetched CSVs and earlier ones otherwise.
 
     A CSV rejected now keeps the last valid values it had (from `previous`, else from `seed`, the rows

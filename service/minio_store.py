@@ -16,7 +16,7 @@ from miniopy_async.error import InvalidResponseError, MinioException, S3Error, S
 from miniopy_async.helpers import check_bucket_name
 
 from .errors import ObjectNotFound, StorageError
-from .storage import ObjectInfo, check_key
+from .storage import ObjectInfo, check_key, check_prefix
 
 T = TypeVar("T")
 
@@ -71,9 +71,7 @@ class MinioStore:
     def _client(self) -> Minio:
         # The session belongs to the running loop, so it is made on first use, not in __init__.
         if self._session is None:
-            timeout = aiohttp.ClientTimeout(
-                total=self._timeout, sock_connect=self._timeout, sock_read=self._timeout
-            )
+            timeout = aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._timeout, sock_read=self._timeout)
             self._session = aiohttp.ClientSession(timeout=timeout)
             self._minio.set_session(self._session)
         return self._minio
@@ -101,6 +99,7 @@ class MinioStore:
     async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
         # The SDK pages internally (max-keys 1000); after a transient error mid-listing the
         # listing resumes after the last key seen instead of starting over.
+        check_prefix(prefix)
         after: str | None = None
         page: list[ObjectInfo] = []
         failures = 0

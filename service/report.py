@@ -51,6 +51,24 @@ class RunReport:
     def duration_seconds(self) -> float:
         return (self.finished_at - self.started_at).total_seconds()
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> RunReport:
+        """The inverse of `to_json` (for the persisted run history)."""
+        fields = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(
+            **fields
+            | {
+                "started_at": datetime.fromisoformat(data["started_at"]),
+                "finished_at": datetime.fromisoformat(data["finished_at"]),
+                "outcome": Outcome(data["outcome"]),
+                "rejected": tuple(RejectedFile(**r) for r in data.get("rejected", ())),
+                "conflicts": tuple(
+                    Conflict(c["user_id"], c["kind"], tuple(c["keys"]), c["winner"]) for c in data.get("conflicts", ())
+                ),
+                "warnings": tuple(data.get("warnings", ())),
+            }
+        )
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["started_at"] = self.started_at.isoformat()

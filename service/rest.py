@@ -22,9 +22,7 @@ def parse_filter(params: Mapping[str, str]) -> query.UserFilter:
     """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one."""
     unknown = sorted(set(params) - _FILTER_PARAMS)
     if unknown:
-        raise BadRequest(
-            f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})"
-        )
+        raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})")
     return query.UserFilter(
         has_image=_bool(params, "is_image_exists"),
         min_age=_age(params, "min_age"),
@@ -95,9 +93,7 @@ async def get_image(request: web.Request) -> web.Response:
             text=f'{{"error": "no image for user {user_id[:100]}"}}', content_type="application/json"
         )
     data = await state.store.get(key)
-    return web.Response(
-        body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"}
-    )
+    return web.Response(body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"})
 
 
 def add_routes(app: web.Application) -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from .aggregator import Aggregator, ProgressCallback, RunResult
+from .aggregator import Aggregator, Progress, ProgressCallback, RunResult
 from .errors import ServiceError, StorageError
 from .report import Outcome, RunReport
 
@@ -28,11 +28,13 @@ class Runner:
         on_commit: Callable[[RunResult], None],
         *,
         history: int = 50,
-        progress: ProgressCallback | None = None,
+        on_progress: Callable[[int, Progress], None] | None = None,
+        on_report: Callable[[RunReport], Awaitable[None]] | None = None,
     ) -> None:
         self._aggregator = aggregator
         self._on_commit = on_commit
-        self._progress = progress
+        self._on_progress = on_progress
+        self._on_report = on_report
         self._pending: asyncio.Future[RunReport] | None = None
         self._pending_trigger = ""
         self._loop_task: asyncio.Task[None] | None = None
@@ -73,7 +75,7 @@ class Runner:
         started = datetime.now(UTC)
         self.running = True
         try:
-            result = await self._aggregator.run(run_id, trigger, self._progress)
+            result = await self._aggregator.run(run_id, trigger, self._progress_for(run_id))
         except StorageError as exc:
             report = self._failed(run_id, trigger, started, f"object store error: {exc}")
             logger.warning("run %d (%s) failed: %s", run_id, trigger, report.error)
@@ -87,7 +89,19 @@ class Runner:
         finally:
             self.running = False
         self.history.append(report)
+        if self._on_report is not None:
+            await self._on_report(report)
         return report
+
+    def _progress_for(self, run_id: int) -> ProgressCallback | None:
+        hook = self._on_progress
+        return None if hook is None else lambda progress: hook(run_id, progress)
+
+    def restore(self, reports: list[RunReport]) -> None:
+        """Seed the history with persisted reports (oldest first); new run ids continue after them."""
+        self.history.extend(reports)
+        if reports:
+            self._next_id = max(self._next_id, max(r.run_id for r in reports) + 1)
 
     @staticmethod
     def _failed(run_id: int, trigger: str, started: datetime, error: str) -> RunReport:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
@@ -13,17 +14,19 @@ import strawberry
 from aiohttp import web
 from graphql import GraphQLError
 from strawberry.extensions import (
+    DisableIntrospection,
     MaskErrors,
     MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
     QueryDepthLimiter,
+    SchemaExtension,
     ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
-from . import output, query
+from . import events, output, query
 from .errors import BadRequest, NotReady, Unauthorized
 from .report import RunReport
 from .runner import RunnerClosed
@@ -39,6 +42,7 @@ class Context:
     state: ServiceState
     request: web.Request
     response: web.StreamResponse | None = None
+    connection_params: dict[str, object] | None = None  # the websocket handshake's payload
 
 
 Info = strawberry.Info[Context, None]
@@ -221,6 +225,46 @@ class Mutation:
         return ProcessingRun.from_report(await state.runner.run("mutation"))
 
 
+@strawberry.type(description="Progress of a run: objects listed, CSVs to fetch and fetched so far.")
+class RunProgress:
+    listed: int
+    to_fetch: int
+    fetched: int
+
+
+@strawberry.type(description="A run's progress; the last event of a run carries its report.")
+class RunEvent:
+    run_id: int
+    progress: RunProgress | None
+    report: ProcessingRun | None
+
+
+@strawberry.type(description="A new snapshot is served: clients may refetch.")
+class SnapshotEvent:
+    version: int
+    users: int
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(description="Progress events of every run, and a final event with its report.")
+    async def run_events(self, info: Info) -> AsyncIterator[RunEvent]:
+        async for event in info.context.state.events.subscribe():
+            if isinstance(event, events.RunProgress):
+                p = event.progress
+                progress = RunProgress(listed=p.listed, to_fetch=p.to_fetch, fetched=p.fetched)
+                yield RunEvent(run_id=event.run_id, progress=progress, report=None)
+            elif isinstance(event, events.RunFinished):
+                report = ProcessingRun.from_report(event.report)
+                yield RunEvent(run_id=event.report.run_id, progress=None, report=report)
+
+    @strawberry.subscription(description="Fires whenever a new snapshot of the data is published.")
+    async def snapshots(self, info: Info) -> AsyncIterator[SnapshotEvent]:
+        async for event in info.context.state.events.subscribe():
+            if isinstance(event, events.SnapshotPublished):
+                yield SnapshotEvent(version=event.version, users=event.users)
+
+
 def _origin(request: web.Request) -> str:
     return str(request.url.origin())
 
@@ -231,19 +275,22 @@ def _should_mask(error: GraphQLError) -> bool:
 
 
 class ServiceSchema(strawberry.Schema):
-    def process_errors(
-        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
-    ) -> None:
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         # Client mistakes are answered, not logged; only unexpected errors reach the log (once).
         unexpected = [error for error in errors if _should_mask(error)]
         if unexpected:
             super().process_errors(unexpected, execution_context)
 
 
-def build_schema() -> strawberry.Schema:
+def build_schema(
+    extensions: Iterable[Callable[[], SchemaExtension]] = (), *, introspection: bool = True
+) -> strawberry.Schema:
+    """The schema with its safety limits; `extensions` are added (e.g. metrics)."""
+    limits: list[Callable[[], SchemaExtension]] = [] if introspection else [DisableIntrospection]
     return ServiceSchema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         config=StrawberryConfig(
             disable_field_suggestions=True,
             scalar_map={
@@ -262,5 +309,7 @@ def build_schema() -> strawberry.Schema:
             partial(MaxTokensLimiter, max_token_count=2000),
             partial(MaxAliasesLimiter, max_alias_count=20),
             partial(MaskErrors, should_mask_error=_should_mask, error_message="Internal error."),
+            *limits,
+            *extensions,
         ],
     )

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 from .config import Settings
 from .errors import NotReady, Unauthorized
+from .events import Broadcaster, SnapshotPublished
+from .metrics import Metrics
 from .runner import Runner
 from .snapshot import Snapshot
 from .storage import ObjectStore
@@ -17,7 +19,15 @@ class ServiceState:
     settings: Settings
     store: ObjectStore
     runner: Runner
+    events: Broadcaster
+    metrics: Metrics
     snapshot: Snapshot | None = None
+
+    def publish(self, snapshot: Snapshot) -> None:
+        """Swap in a new snapshot (one reference assignment: queries see the old or the new one)."""
+        self.snapshot = snapshot
+        self.metrics.observe_snapshot(len(snapshot), snapshot.version, snapshot.committed_at)
+        self.events.publish(SnapshotPublished(snapshot.version, len(snapshot)))
 
     def current(self) -> Snapshot:
         """The snapshot queries read; `NotReady` until the first one is loaded."""

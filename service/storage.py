@@ -51,15 +51,16 @@ class ObjectStore(Protocol):
         """Release connections."""
 
 
+def check_prefix(prefix: str) -> str:
+    """Return `prefix` when it cannot leave the bucket (no absolute path, no `.`/`..` segments)."""
+    if prefix.startswith("/") or "\\" in prefix or "\x00" in prefix or any(p in (".", "..") for p in prefix.split("/")):
+        raise InvalidKey(f"invalid prefix {prefix[:200]!r}")
+    return prefix
+
+
 def check_key(key: str) -> str:
     """Return `key` when it is a safe relative object key, else raise `InvalidKey`."""
     parts = key.split("/")
-    if (
-        not key
-        or key.startswith("/")
-        or "\\" in key
-        or "\x00" in key
-        or any(p in ("", ".", "..") for p in parts)
-    ):
+    if not key or key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
         raise InvalidKey(f"invalid object key {key[:200]!r}")
     return key

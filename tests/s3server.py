@@ -185,9 +185,7 @@ class SeaweedServer:
 
     def store(self, bucket: str, *, timeout: float = 30.0, retries: int = 3) -> MinioStore:
         """A `MinioStore` on `bucket` of this server (the caller closes it)."""
-        return MinioStore(
-            self.endpoint, self.access_key, self.secret_key, bucket, timeout=timeout, retries=retries
-        )
+        return MinioStore(self.endpoint, self.access_key, self.secret_key, bucket, timeout=timeout, retries=retries)
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -18,9 +18,7 @@ OUTPUT = "processed_data/output.csv"
 HEADER = "user_id,first_name,last_name,birthts,img_path"
 
 
-def user_csv(
-    first: str, last: str, birthts: int | str, header: str = "first_name, last_name, birthts"
-) -> bytes:
+def user_csv(first: str, last: str, birthts: int | str, header: str = "first_name, last_name, birthts") -> bytes:
     return f"{header}\n{first}, {last}, {birthts}\n".encode()
 
 
@@ -83,9 +81,7 @@ async def rows_by_user(store: ObjectStore, key: str = OUTPUT) -> dict[str, tuple
 async def test_first_run_builds_the_output(store: ObjectStore) -> None:
     await store.put("src-data/1000.csv", user_csv("Susan", "Lee", 612302400000))
     await store.put("src-data/1000.png", b"png")
-    await store.put(
-        "src-data/0001.CSV", b'\xef\xbb\xbffirst_name,last_name,birthts\r\nBo,"Smith, Jr.",-5\r\n'
-    )
+    await store.put("src-data/0001.CSV", b'\xef\xbb\xbffirst_name,last_name,birthts\r\nBo,"Smith, Jr.",-5\r\n')
     await store.put("src-data/nested/deeper/10.csv", user_csv("Ten", "Tenner", 10))
     await store.put("src-data/elsewhere/10.JPG", b"jpg")
     await store.put("src-data/README.txt", b"hello")

@@ -87,17 +87,13 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-async def client(
-    aiohttp_client: ClientFactory, local: LocalStore, settings: Settings
-) -> TestClient[Any, Any]:
+async def client(aiohttp_client: ClientFactory, local: LocalStore, settings: Settings) -> TestClient[Any, Any]:
     client = await aiohttp_client(create_app(settings, store=local))
     await wait_ready(client)
     return client
 
 
-async def gql(
-    client: TestClient[Any, Any], query: str, headers: dict[str, str] | None = None
-) -> dict[str, Any]:
+async def gql(client: TestClient[Any, Any], query: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
     response = await client.post("/graphql", json={"query": query}, headers=headers)
     assert response.status == 200, await response.text()
     body: dict[str, Any] = await response.json()
@@ -133,8 +129,7 @@ async def test_every_filter_combination_over_graphql_and_rest(client: TestClient
         flt = graphql_filter(has_image, min_age, max_age)
         body = await gql(
             client,
-            f"{{ users(filter: {flt}, limit: 5) {{ userId age }} "
-            f"stats(filter: {flt}) {{ count averageAge }} }}",
+            f"{{ users(filter: {flt}, limit: 5) {{ userId age }} stats(filter: {flt}) {{ count averageAge }} }}",
         )
         assert [u["userId"] for u in body["data"]["users"]] == want[:5]
         ages = [age_on(PEOPLE[uid][0]) for uid in want]
@@ -268,9 +263,7 @@ async def test_reprocess_picks_up_changes(client: TestClient[Any, Any], local: L
     assert run["rejected"] == [
         {"key": "src-data/broken.csv", "reason": "header lacks last_name, birthts (found: first_name)"}
     ]
-    ids = [
-        u["userId"] for u in (await gql(client, "{ users(limit: 5, offset: 2) { userId } }"))["data"]["users"]
-    ]
+    ids = [u["userId"] for u in (await gql(client, "{ users(limit: 5, offset: 2) { userId } }"))["data"]["users"]]
     assert "2000" in ids and "1004" not in ids
     response = await client.post("/data")
     report = await response.json()
@@ -287,9 +280,7 @@ async def test_reprocess_picks_up_changes(client: TestClient[Any, Any], local: L
     ]
 
 
-async def test_concurrent_reprocess_calls_never_overlap(
-    client: TestClient[Any, Any], local: LocalStore
-) -> None:
+async def test_concurrent_reprocess_calls_never_overlap(client: TestClient[Any, Any], local: LocalStore) -> None:
     async def call(i: int) -> tuple[datetime, dict[str, Any]]:
         await asyncio.sleep(i * 0.003)
         asked = datetime.now(UTC)
@@ -352,9 +343,7 @@ async def test_api_token_protects_runs_only(aiohttp_client: ClientFactory, local
     assert "Authorization: Bearer" in denied["errors"][0]["message"]
     wrong = await gql(client, "mutation { reprocess { id } }", headers={"Authorization": "Bearer nope"})
     assert "Authorization" in wrong["errors"][0]["message"]
-    allowed = await gql(
-        client, "mutation { reprocess { id } }", headers={"Authorization": "Bearer t0ken-secret"}
-    )
+    allowed = await gql(client, "mutation { reprocess { id } }", headers={"Authorization": "Bearer t0ken-secret"})
     assert allowed["data"]["reprocess"]["id"] >= 1
     response = await client.post("/data")
     assert response.status == 401 and "t0ken-secret" not in await response.text()
@@ -401,9 +390,7 @@ async def test_abusive_queries_are_refused(client: TestClient[Any, Any]) -> None
         body = await gql(client, query)
         assert body["errors"] and "Internal" not in body["errors"][0]["message"]
     assert "errors" not in await gql(client, deep)
-    response = await client.post(
-        "/graphql", data=b"x" * (300 * 1024), headers={"Content-Type": "application/json"}
-    )
+    response = await client.post("/graphql", data=b"x" * (300 * 1024), headers={"Content-Type": "application/json"})
     assert response.status == 413
 
 

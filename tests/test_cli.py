@@ -17,6 +17,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "API_TOKEN"))} | env
     return subprocess.run(
         [sys.executable, "-m", "service", *args],
+        check=False,
         capture_output=True,
         text=True,
         env=full_env,
@@ -27,9 +28,7 @@ def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 def test_demo_data_then_process(tmp_path: Path) -> None:
     env = {"DATA_DIR": str(tmp_path)}
-    written = cli(
-        "demo-data", "--users", "300", "--image-ratio", "0.5", "--seed", "7", "--with-bad-files", env=env
-    )
+    written = cli("demo-data", "--users", "300", "--image-ratio", "0.5", "--seed", "7", "--with-bad-files", env=env)
     assert written.returncode == 0, written.stderr
     assert "wrote 300 users" in written.stdout
     assert len(list((tmp_path / "datalake" / "src-data").glob("*.csv"))) == 300 + 7
@@ -66,9 +65,7 @@ def test_same_seed_same_data(tmp_path: Path) -> None:
         ({"MINIO_ENDPOINT": "http://x"}, "MINIO_ENDPOINT"),
     ],
 )
-def test_bad_configuration_stops_with_the_variable_name(
-    tmp_path: Path, env: dict[str, str], message: str
-) -> None:
+def test_bad_configuration_stops_with_the_variable_name(tmp_path: Path, env: dict[str, str], message: str) -> None:
     result = cli("process", env={"DATA_DIR": str(tmp_path), **env})
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr

@@ -206,9 +206,7 @@ async def test_fallback_page_when_assets_dir_is_empty(
     assert "/graphiql-assets/graphiql.min.js?v=0123abcd" in await resp.text()
 
 
-async def test_asset_route_caching(
-    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_asset_route_caching(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     contents = fake_install(tmp_path / "assets")
     monkeypatch.setenv(graphiql.ASSETS_ENV_VAR, str(tmp_path / "assets"))
     client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app())
@@ -249,9 +247,7 @@ def find_chromium() -> str | None:
 def ensure_assets_installed() -> Path:
     if (directory := graphiql.assets_dir()) is not None:
         return directory
-    proc = subprocess.run(
-        [sys.executable, str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=600, check=False
-    )
+    proc = subprocess.run([sys.executable, str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
         pytest.fail(
             f"GraphiQL assets are not installed and {FETCH_SCRIPT.name} could not install them "
@@ -300,9 +296,7 @@ class CDPSession:
         return result
 
     async def evaluate(self, expression: str) -> Any:
-        result = await self.send(
-            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
-        )
+        result = await self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
         if "exceptionDetails" in result:
             raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -325,9 +319,7 @@ class CDPSession:
             " return [r.x + r.width / 2, r.y + r.height / 2]; })()"
         )
         for kind in ("mousePressed", "mouseReleased"):
-            await self.send(
-                "Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1
-            )
+            await self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left", clickCount=1)
 
     async def close(self) -> None:
         await self._ws.close()
@@ -355,9 +347,7 @@ async def chromium_page(binary: str) -> AsyncIterator[CDPSession]:
             deadline = time.monotonic() + TIMEOUT_S
             while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
                 if proc.returncode is not None or time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"Chromium did not start:\n{log_path.read_text(errors='replace')[-3000:]}"
-                    )
+                    raise RuntimeError(f"Chromium did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
                 await asyncio.sleep(0.05)
             port = int(port_file.read_text().splitlines()[0])
             async with aiohttp.ClientSession() as http:
@@ -402,9 +392,7 @@ async def test_graphiql_renders_and_runs_a_query_offline(aiohttp_server: Any) ->
     async with chromium_page(binary) as page:
         for domain in ("Page", "Runtime", "Network", "Log"):
             await page.send(f"{domain}.enable")
-        await page.send(
-            "Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False
-        )
+        await page.send("Emulation.setDeviceMetricsOverride", width=1400, height=900, deviceScaleFactor=1, mobile=False)
 
         # Query: prefilled through ?q= (Strawberry executes GET ?query= instead of rendering the IDE).
         await page.send("Page.navigate", url=f"{origin}/graphql?q={STATS_QUERY}")
@@ -425,9 +413,7 @@ async def test_graphiql_renders_and_runs_a_query_offline(aiohttp_server: Any) ->
         ARTIFACTS.mkdir(exist_ok=True)
         (ARTIFACTS / "graphiql.png").write_bytes(base64.b64decode(shot["data"]))
 
-        resources = await page.evaluate(
-            "[location.href, ...performance.getEntriesByType('resource').map(e => e.name)]"
-        )
+        resources = await page.evaluate("[location.href, ...performance.getEntriesByType('resource').map(e => e.name)]")
 
         # Subscription: runs over graphql-ws (graphql-transport-ws) to the same server.
         await page.send("Page.navigate", url=f"{origin}/graphql?q={SUBSCRIPTION_QUERY}")
@@ -460,9 +446,7 @@ async def test_graphiql_renders_and_runs_a_query_offline(aiohttp_server: Any) ->
         if e["method"] == "Log.entryAdded" and e["params"]["entry"]["level"] == "error"
     ]
     errors += [
-        e["params"]
-        for e in events
-        if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error"
+        e["params"] for e in events if e["method"] == "Runtime.consoleAPICalled" and e["params"]["type"] == "error"
     ]
     assert errors == [], f"browser errors: {errors}"
     print(f"browser test took {time.monotonic() - started:.1f}s")

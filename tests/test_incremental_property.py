@@ -21,9 +21,7 @@ USERS = st.sampled_from(["1", "2", "01", "x y"])
 FOLDERS = st.sampled_from(["src-data/", "src-data/sub/"])
 NAMES = st.text(alphabet='ab ,"éZ\n', min_size=1, max_size=6).map(str.strip).filter(bool)
 BIRTHS = st.integers(min_value=-5_000_000_000_000, max_value=1_700_000_000_000)
-INVALID = st.sampled_from(
-    [b"", b"first_name,last_name\nA,B\n", b"first_name,last_name,birthts\nA,B,x\n", b"\xff"]
-)
+INVALID = st.sampled_from([b"", b"first_name,last_name\nA,B\n", b"first_name,last_name,birthts\nA,B,x\n", b"\xff"])
 Row = tuple[str, str, str, str]
 
 
@@ -90,9 +88,7 @@ class SourceChanges(RuleBasedStateMachine):
                 del self.last_valid[key]
         self.last_valid.update({k: v for k, v in self.csvs.items() if v is not None})
         assert self._rows("out/output.csv") == self._expected()
-        rebuild = Aggregator(
-            self.store, src_prefix="src-data/", output_key="rebuild/output.csv", concurrency=4
-        )
+        rebuild = Aggregator(self.store, src_prefix="src-data/", output_key="rebuild/output.csv", concurrency=4)
         self._do(rebuild.run())
         rebuilt, current = self._rows("rebuild/output.csv"), self._rows("out/output.csv")
         rejected_users = {k.rpartition("/")[2].rpartition(".")[0] for k, v in self.csvs.items() if v is None}

@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+SOURCES = [name for name in ("service", "tests", "scripts", "bench") if (ROOT / name).is_dir()]
 CHECKS = {
-    "ruff": ["ruff", "check", "service", "tests", "scripts", "bench"],
-    "ruff-format": ["ruff", "format", "--check", "service", "tests", "scripts", "bench"],
+    "ruff": ["ruff", "check", *SOURCES],
+    "ruff-format": ["ruff", "format", "--check", *SOURCES],
     "mypy": ["mypy"],
 }
 

@@ -59,9 +59,7 @@ def test_age_boundaries(born: int, today: date, age: int) -> None:
 
 
 @given(
-    births=st.lists(
-        st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 1, 1)), min_size=1, max_size=50
-    ),
+    births=st.lists(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 1, 1)), min_size=1, max_size=50),
     today=st.dates(min_value=date(2026, 1, 1), max_value=date(2100, 12, 31)),
 )
 def test_ages_match_calendar_arithmetic(births: list[int], today: date) -> None:

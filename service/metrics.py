@@ -1,0 +1,100 @@
+"""Prometheus metrics: runs, snapshot freshness, query latency, HTTP responses."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
+
+from aiohttp import web
+from graphql import DocumentNode, FieldNode, OperationDefinitionNode
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from strawberry.extensions import SchemaExtension
+
+from .report import RunReport
+
+ROOT_FIELDS = frozenset({"users", "user", "stats", "lastRun", "runs", "reprocess", "runEvents", "snapshots"})
+_FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+_SLOW = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
+
+
+class Metrics:
+    """One registry per application, so several apps in one process do not collide."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.runs = Counter("aggregation_runs", "Aggregation runs by outcome", ["outcome"], registry=r)
+        self.run_seconds = Histogram("aggregation_run_seconds", "Run duration", buckets=_SLOW, registry=r)
+        self.objects = Gauge("aggregation_last_run_objects", "Objects in the last run", ["stage"], registry=r)
+        self.snapshot_users = Gauge("snapshot_users", "Users in the served snapshot", registry=r)
+        self.snapshot_version = Gauge("snapshot_output_version", "Output version of the snapshot", registry=r)
+        self._committed_at: float | None = None
+        Gauge("snapshot_age_seconds", "Seconds since the last successful commit", registry=r).set_function(
+            self._snapshot_age
+        )
+        self.queries = Histogram(
+            "graphql_operation_seconds", "GraphQL operation latency", ["operation"], buckets=_FAST, registry=r
+        )
+        self.responses = Counter("http_responses", "HTTP responses", ["method", "route", "status"], registry=r)
+
+    def _snapshot_age(self) -> float:
+        return float("nan") if self._committed_at is None else time.time() - self._committed_at
+
+    def observe_run(self, report: RunReport) -> None:
+        self.runs.labels(report.outcome.value).inc()
+        self.run_seconds.observe(report.duration_seconds)
+        for stage, value in (("listed", report.listed), ("fetched", report.fetched)):
+            self.objects.labels(stage).set(value)
+        self.objects.labels("rejected").set(len(report.rejected))
+
+    def observe_snapshot(self, users: int, version: int, committed_at: datetime) -> None:
+        self.snapshot_users.set(users)
+        self.snapshot_version.set(version)
+        self._committed_at = committed_at.astimezone(UTC).timestamp()
+
+    def extension(self) -> type[SchemaExtension]:
+        """A Strawberry extension class timing every operation into this registry."""
+        histogram = self.queries
+
+        class OperationTimer(SchemaExtension):
+            def on_operation(self) -> Iterator[None]:
+                started = time.perf_counter()
+                yield
+                context = self.execution_context
+                operation = f"{context.operation_type.value}:{_root_field(context.graphql_document)}"
+                histogram.labels(operation).observe(time.perf_counter() - started)
+
+        return OperationTimer
+
+    @web.middleware
+    async def middleware(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        route = request.match_info.route.resource
+        name = route.canonical if route is not None else "unmatched"
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            self.responses.labels(request.method, name, str(exc.status)).inc()
+            raise
+        except Exception:
+            self.responses.labels(request.method, name, "500").inc()
+            raise
+        self.responses.labels(request.method, name, str(response.status)).inc()
+        return response
+
+    async def handler(self, request: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def _root_field(document: DocumentNode | None) -> str:
+    """The operation's first root field when it is one of the schema's (a bounded label), else 'other'."""
+    for definition in document.definitions if document else ():
+        if isinstance(definition, OperationDefinitionNode):
+            first = definition.selection_set.selections[0] if definition.selection_set.selections else None
+            if isinstance(first, FieldNode) and first.name.value in ROOT_FIELDS:
+                return first.name.value
+            break
+    return "other"
