@@ -28,7 +28,7 @@ WORKDIR /build
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when pyproject.toml changes,
 # not on every source edit. Runtime dependencies only (no `[test]` extra).
 COPY pyproject.toml ./
-RUN python -c "import tomllib; deps = tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']; open('requirements.txt', 'w').write('\n'.join(deps) + '\n')" \
+RUN python -c "import pathlib, tomllib; deps = tomllib.loads(pathlib.Path('pyproject.toml').read_text())['project']['dependencies']; pathlib.Path('requirements.txt').write_text('\n'.join(deps) + '\n')" \
     && pip install -r requirements.txt
 # Then the package itself, exactly as the tests install it (`pip install .`). README.md is the
 # project's `readme` in pyproject.toml, which setuptools reads while building the metadata. The import

@@ -10,6 +10,7 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from . import logs
 from .aggregator import Aggregator, Progress
 from .config import Settings, load_settings
 from .demo import write_demo_data
@@ -22,9 +23,9 @@ logger = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         settings = load_settings()
+        logs.configure(settings.log_format)
         return int(args.handler(settings, args))
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
@@ -146,7 +147,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
 
     shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
     print(f"GraphiQL: http://{shown}:{settings.port}/graphql   REST: /data /stats", flush=True)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None)
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, print=None, access_log_class=logs.AccessLogger
+    )
     return 0
 
 

@@ -1,0 +1,156 @@
+"""Metrics, persisted run history, live events over graphql-transport-ws, and logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import WSMsgType, web
+from aiohttp.test_utils import TestClient
+from test_app import NEVER, ClientFactory, gql, seed, wait_ready
+
+from service.app import create_app
+from service.config import Settings
+from service.local_store import LocalStore
+from service.logs import JsonFormatter
+
+PROTOCOL = "graphql-transport-ws"
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> LocalStore:
+    store = LocalStore(tmp_path, "datalake")
+    await seed(store)
+    return store
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory, store: LocalStore) -> TestClient[Any, Any]:
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER), store=store))
+    await wait_ready(client)
+    return client
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
+async def test_metrics(client: TestClient[Any, Any]) -> None:
+    await gql(client, "{ stats { count } }")
+    await gql(client, "{ a: users(limit: 1) { userId } }")
+    await client.get("/stats", params={"min_age": "bad"})
+    await gql(client, "mutation { reprocess { id } }")
+    response = await client.get("/metrics")
+    assert response.status == 200 and response.content_type == "text/plain"
+    text = await response.text()
+    assert metric(text, 'aggregation_runs_total{outcome="succeeded"}') == 2  # start-up and the mutation
+    assert metric(text, "snapshot_users") == 7
+    assert 0 <= metric(text, "snapshot_age_seconds") < 60
+    assert metric(text, 'aggregation_last_run_objects{stage="rejected"}') == 1
+    assert metric(text, 'graphql_operation_seconds_count{operation="query:stats"}') == 1
+    assert metric(text, 'graphql_operation_seconds_count{operation="query:users"}') == 1  # an alias is not a label
+    assert metric(text, 'http_responses_total{method="GET",route="/stats",status="400"}') == 1
+    assert metric(text, 'http_responses_total{method="POST",route="/graphql",status="200"}') == 3
+
+
+async def test_run_history_survives_a_restart(aiohttp_client: ClientFactory, store: LocalStore) -> None:
+    first = await aiohttp_client(create_app(Settings(schedule=NEVER), store=store))
+    await wait_ready(first)
+    await gql(first, "mutation { reprocess { id } }")
+    before = (await gql(first, "{ runs { id trigger outcome rejected { key } } }"))["data"]["runs"]
+    await first.close()
+    assert [r["trigger"] for r in before] == ["mutation", "startup"]
+
+    second = await aiohttp_client(
+        create_app(Settings(schedule=NEVER), store=LocalStore(store._root.parent, "datalake"))
+    )
+    await wait_ready(second)
+    for _ in range(100):
+        runs = (await gql(second, "{ runs { id trigger outcome rejected { key } } }"))["data"]["runs"]
+        if len(runs) == 3:
+            break
+        await asyncio.sleep(0.05)
+    assert runs[1:] == before  # the earlier runs, then the new start-up run on top
+    assert runs[0]["trigger"] == "startup" and runs[0]["id"] == before[0]["id"] + 1
+
+
+async def subscribe(client: TestClient[Any, Any], query: str, payload: dict[str, str] | None = None) -> Any:
+    ws = await client.ws_connect("/graphql", protocols=(PROTOCOL,))
+    await ws.send_json({"type": "connection_init", "payload": payload or {}})
+    ack = await ws.receive_json(timeout=5)
+    assert ack["type"] == "connection_ack"
+    await ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": query}})
+    return ws
+
+
+async def test_run_events_stream_progress_then_the_report(client: TestClient[Any, Any]) -> None:
+    ws = await subscribe(
+        client, "subscription { runEvents { runId progress { listed toFetch fetched } report { outcome users } } }"
+    )
+    snapshots = await subscribe(client, "subscription { snapshots { version users } }")
+    await asyncio.sleep(0.1)  # let both subscriptions register before the run starts
+    await gql(client, "mutation { reprocess { id } }")
+    events = []
+    while True:
+        message = await ws.receive_json(timeout=5)
+        assert message["type"] == "next", message
+        events.append(message["payload"]["data"]["runEvents"])
+        if events[-1]["report"] is not None:
+            break
+    assert events[-1]["report"] == {"outcome": "SUCCEEDED", "users": 7}
+    progress = [e["progress"] for e in events[:-1]]
+    assert progress and progress[-1]["listed"] == 12 and all(p["fetched"] <= p["toFetch"] for p in progress)
+    assert len({e["runId"] for e in events}) == 1
+    published = await snapshots.receive_json(timeout=5)
+    assert published["payload"]["data"]["snapshots"] == {"version": 1, "users": 7}
+    await ws.close()
+    await snapshots.close()
+
+
+async def test_subscriptions_check_the_token_in_the_handshake(aiohttp_client: ClientFactory, store: LocalStore) -> None:
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token="tok-3"), store=store))
+    await wait_ready(client)
+    ws = await client.ws_connect("/graphql", protocols=(PROTOCOL,))
+    await ws.send_json({"type": "connection_init", "payload": {"Authorization": "Bearer wrong"}})
+    closing = await ws.receive(timeout=5)
+    assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and ws.close_code == 4403
+    allowed = await subscribe(client, "subscription { snapshots { version } }", {"Authorization": "Bearer tok-3"})
+    await allowed.close()
+
+
+async def test_legacy_subscription_protocol_is_off(client: TestClient[Any, Any]) -> None:
+    ws = await client.ws_connect("/graphql", protocols=("graphql-ws",))
+    assert ws.protocol is None or ws.protocol != "graphql-ws"
+    message = await ws.receive(timeout=5)
+    assert message.type in (WSMsgType.CLOSE, WSMsgType.CLOSED)
+
+
+async def test_one_log_line_per_run(client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="service"):
+        await gql(client, "mutation { reprocess { id } }")
+    runs = [
+        r.getMessage() for r in caplog.records if r.name == "service.runner" and "rejected" not in r.getMessage()[:30]
+    ]
+    assert len([m for m in runs if m.startswith("run ")]) == 1
+    assert "(mutation) succeeded" in runs[0] and "users=7" in runs[0]
+    assert any("rejected src-data/broken.csv" in r.getMessage() for r in caplog.records)
+
+
+def test_json_log_lines() -> None:
+    record = logging.LogRecord("service.x", logging.INFO, __file__, 1, "run %d done", (3,), None)
+    record.status = 200
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["level"], line["logger"], line["message"], line["status"]) == ("info", "service.x", "run 3 done", 200)
+    assert line["time"].endswith("+00:00")
+
+
+def test_app_factory_accepts_disabled_introspection(tmp_path: Path) -> None:
+    app = create_app(Settings(introspection=False), store=LocalStore(tmp_path, "bucket"))
+    assert isinstance(app, web.Application)
