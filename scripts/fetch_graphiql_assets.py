@@ -131,8 +131,7 @@ def _npm_pack(npm: str, spec: str, workdir: Path) -> Path:
         raise FetchError(f"`npm pack {spec}` timed out after {NPM_TIMEOUT_S}s") from exc
     if proc.returncode != 0:
         raise FetchError(
-            f"`npm pack {spec}` failed (exit {proc.returncode}); is the npm registry reachable?\n"
-            f"{proc.stderr.strip()}"
+            f"`npm pack {spec}` failed (exit {proc.returncode}); is the npm registry reachable?\n{proc.stderr.strip()}"
         )
     new = [p for p in workdir.iterdir() if p not in before and p.name.endswith(".tgz")]
     if len(new) != 1:
