@@ -29,7 +29,6 @@ class Snapshot:
     has_image: BoolArray = field(init=False)
     birth_year: IntArray = field(init=False)
     birth_month_day: IntArray = field(init=False)  # month * 100 + day, for "has the birthday come"
-    _index: dict[str, int] = field(init=False)
     _ages: dict[date, IntArray] = field(init=False)
     _lock: threading.Lock = field(init=False)
 
@@ -46,7 +45,6 @@ class Snapshot:
             ("has_image", (self.table["img_path"] != "").to_numpy()),
             ("birth_year", years),
             ("birth_month_day", months * 100 + days),
-            ("_index", {uid: i for i, uid in enumerate(user_ids)}),
             ("_ages", {}),
             ("_lock", threading.Lock()),
         ):
@@ -58,7 +56,9 @@ class Snapshot:
         return len(self.user_ids)
 
     def position(self, user_id: str) -> int | None:
-        return self._index.get(user_id)
+        """Row of `user_id`: a binary search, since rows are ordered by user_id (no extra index)."""
+        at = int(np.searchsorted(self.user_ids, user_id))
+        return at if at < len(self.user_ids) and self.user_ids[at] == user_id else None
 
     def ages(self, today: date) -> IntArray:
         """Completed years on `today` for every row; computed once per day and snapshot."""

@@ -267,3 +267,11 @@ async def test_empty_source_writes_a_header_only_output(store: ObjectStore) -> N
     report = (await aggregator(store).run()).report
     assert (await store.get(OUTPUT)).decode() == HEADER + "\n"
     assert report.users == 0 and report.listed == 0
+
+
+async def test_a_hand_edited_output_is_served_in_user_id_order(store: ObjectStore) -> None:
+    await store.put(OUTPUT, f"{HEADER}\n9,A,B,1,\n10,C,D,2,\n1,E,F,3,\n".encode())
+    loaded = await aggregator(store).load_committed()
+    assert loaded is not None
+    table, version = loaded
+    assert list(table["user_id"]) == ["1", "10", "9"] and version == 0
