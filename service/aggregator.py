@@ -8,13 +8,14 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import numpy as np
 import pandas as pd
 
 from . import manifest as mf
 from . import output as out
 from .errors import InvalidKey, ObjectNotFound
 from .keys import Kind
-from .parsing import MAX_CSV_BYTES, Rejected, parse_user_csv
+from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
 from .report import Outcome, RejectedFile, RunReport
 from .storage import ObjectStore
 
@@ -196,7 +197,9 @@ class Aggregator:
         self, previous: pd.DataFrame, progress: ProgressCallback | None
     ) -> tuple[pd.DataFrame, int, _Results]:
         """List the prefix; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
-        known = previous.set_index("key")["etag"]
+        # A file rejected only for a future birthts may become valid with time: fetch it again.
+        retry = previous["reason"].str.endswith(FUTURE_SUFFIX).to_numpy()
+        known = pd.Series(np.where(retry, "", previous["etag"].to_numpy()), index=previous["key"].to_numpy())
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._concurrency * 2)
         results = _Results()
         pages: list[pd.DataFrame] = []

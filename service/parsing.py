@@ -11,6 +11,7 @@ MAX_CSV_BYTES = 1024 * 1024
 REQUIRED_COLUMNS = ("first_name", "last_name", "birthts")
 # Earliest accepted birth date, 1800-01-01T00:00:00Z: older values are typos, not people.
 MIN_BIRTHTS = -5_364_662_400_000
+FUTURE_SUFFIX = " is in the future"
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
 
 
@@ -83,7 +84,7 @@ def _birthts(value: str, now_ms: int) -> int:
         raise Rejected(f"birthts is not an integer: {value[:50]!r}")
     birthts = int(value)
     if birthts > now_ms:
-        raise Rejected(f"birthts {birthts} is in the future")
+        raise Rejected(f"birthts {birthts}{FUTURE_SUFFIX}")
     if birthts < MIN_BIRTHTS:
         raise Rejected(f"birthts {birthts} is before 1800-01-01")
     return birthts

@@ -275,3 +275,20 @@ async def test_a_hand_edited_output_is_served_in_user_id_order(store: ObjectStor
     assert loaded is not None
     table, version = loaded
     assert list(table["user_id"]) == ["1", "10", "9"] and version == 0
+
+
+async def test_a_future_birthts_is_accepted_once_its_time_has_come(store: ObjectStore) -> None:
+    recording = Recording(store)
+    now = [datetime(2030, 1, 1, tzinfo=UTC)]
+    agg = Aggregator(recording, src_prefix="src-data/", output_key=OUTPUT, concurrency=2, clock=lambda: now[0])  # type: ignore[arg-type]
+    soon = int(datetime(2030, 6, 1, tzinfo=UTC).timestamp() * 1000)
+    await store.put("src-data/1.csv", user_csv("Early", "Bird", soon))
+    await store.put("src-data/2.csv", user_csv("Bad", "Row", "x"))
+    first = (await agg.run()).report
+    assert [r.reason for r in first.rejected] == [f"birthts {soon} is in the future", "birthts is not an integer: 'x'"]
+    now[0] = datetime(2030, 7, 1, tzinfo=UTC)
+    recording.gets.clear()
+    second = (await agg.run()).report
+    assert recording.gets == ["src-data/1.csv"]  # the other rejected file is not downloaded again
+    assert await rows_by_user(store) == {"1": ("Early", "Bird", str(soon), "")}
+    assert second.added == 1
