@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import aiocron
 from aiohttp import web
+from cross_web import HTTPException
 from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
@@ -45,6 +46,12 @@ _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
     async def get_context(self, request: web.Request, response: web.StreamResponse) -> Context:
         return Context(state=request.app[STATE], request=request, response=response)
+
+    def parse_json(self, data: str | bytes) -> object:
+        parsed = super().parse_json(data)
+        if not isinstance(parsed, dict | list):  # Strawberry would fail on a JSON string, number or null
+            raise HTTPException(400, "the request body must be a JSON object")
+        return parsed
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
         # With API_TOKEN set, subscriptions need {"Authorization": "Bearer <token>"} in connection_init.

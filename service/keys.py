@@ -27,7 +27,7 @@ def classify(key: str) -> Classified:
     name = key.rpartition("/")[2]
     stem, dot, ext = name.rpartition(".")
     ext = ext.lower()
-    if not dot or not stem or stem.startswith(".") or _has_control(stem):
+    if not dot or not stem or stem.startswith(".") or _has_control(key):
         return Classified(Kind.IGNORED, "")
     if ext in CSV_EXTENSIONS:
         return Classified(Kind.CSV, stem)
@@ -37,4 +37,5 @@ def classify(key: str) -> Classified:
 
 
 def _has_control(text: str) -> bool:
+    # Control and format characters, and the surrogates that stand for undecodable file-name bytes.
     return any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in text)

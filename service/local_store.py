@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import stat
 import tempfile
@@ -97,11 +98,17 @@ def _info(key: str, st: os.stat_result) -> ObjectInfo:
 
 def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
     try:
-        with path.open("rb") as handle:
+        # Objects are regular files: a symbolic link, which could point anywhere, is not one.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ObjectNotFound(f"no object {key!r}")
             return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         raise ObjectNotFound(f"no object {key!r}") from exc
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ObjectNotFound(f"no object {key!r}") from exc
         raise StorageError(f"cannot read {key!r}: {exc.strerror}") from exc
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from aiohttp import web
+from multidict import MultiMapping
 
 from . import query
-from .errors import BadRequest
+from .errors import BadRequest, InvalidKey, ObjectNotFound
 from .keys import IMAGE_EXTENSIONS
 from .report import Outcome
 from .state import ServiceState
@@ -18,11 +19,14 @@ _TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 
 
-def parse_filter(params: Mapping[str, str]) -> query.UserFilter:
+def parse_filter(params: MultiMapping[str]) -> query.UserFilter:
     """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one."""
     unknown = sorted(set(params) - _FILTER_PARAMS)
     if unknown:
         raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})")
+    repeated = sorted(name for name in _FILTER_PARAMS if len(params.getall(name, [])) > 1)
+    if repeated:
+        raise BadRequest(f"{repeated[0]} is given more than once")
     return query.UserFilter(
         has_image=_bool(params, "is_image_exists"),
         min_age=_age(params, "min_age"),
@@ -45,8 +49,10 @@ def _age(params: Mapping[str, str], name: str) -> int | None:
     if name not in params:
         return None
     value = params[name]
-    if not value.isascii() or not value.isdigit() or len(value) > 4:
+    if not value.isascii() or not value.isdigit():
         raise BadRequest(f"{name} must be a non-negative integer, got {value[:50]!r}")
+    if len(value) > 6:
+        raise BadRequest(f"{name} must be between 0 and 1000, got {value[:50]!r}")
     return int(value)
 
 
@@ -89,10 +95,11 @@ async def get_image(request: web.Request) -> web.Response:
     extension = key.rpartition(".")[2].lower()
     # Only keys the aggregator took from the source listing are served: nothing outside the prefix.
     if not key or not key.startswith(state.settings.src_prefix) or extension not in IMAGE_EXTENSIONS:
-        raise web.HTTPNotFound(
-            text=f'{{"error": "no image for user {user_id[:100]}"}}', content_type="application/json"
-        )
-    data = await state.store.get(key)
+        raise ObjectNotFound(f"no image for user {user_id[:100]}")
+    try:
+        data = await state.store.get(key)
+    except InvalidKey as exc:  # a hand-edited output with a key the store refuses: nothing to serve
+        raise ObjectNotFound(f"no image for user {user_id[:100]}") from exc
     return web.Response(body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"})
 
 

@@ -28,6 +28,7 @@ from strawberry.types import ExecutionContext
 
 from . import events, output, query
 from .errors import BadRequest, NotReady, Unauthorized
+from .guards import DocumentGuard
 from .report import RunReport
 from .runner import RunnerClosed
 from .state import ServiceState
@@ -303,6 +304,7 @@ def build_schema(
             },
         ),
         extensions=[  # factories: a fresh extension per operation, caches shared at module level
+            DocumentGuard,  # before the validation-time limiters
             partial(ParserCache, maxsize=256),
             partial(ValidationCache, maxsize=256),
             partial(QueryDepthLimiter, max_depth=8),

@@ -16,7 +16,7 @@ from test_app import NEVER, ClientFactory, gql, seed, wait_ready
 from service.app import create_app
 from service.config import Settings
 from service.local_store import LocalStore
-from service.logs import JsonFormatter
+from service.logs import JsonFormatter, TextFormatter
 
 PROTOCOL = "graphql-transport-ws"
 
@@ -154,3 +154,16 @@ def test_json_log_lines() -> None:
 def test_app_factory_accepts_disabled_introspection(tmp_path: Path) -> None:
     app = create_app(Settings(introspection=False), store=LocalStore(tmp_path, "bucket"))
     assert isinstance(app, web.Application)
+
+
+def test_text_logs_cannot_be_forged_by_user_input() -> None:
+    formatter = TextFormatter("%(levelname)s %(message)s")
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "GET %s", ("/a\n2099 INFO forged\r\x1b[2J",), None)
+    assert formatter.format(record) == "INFO GET /a\\n2099 INFO forged\\r\\x1b[2J"
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    assert formatter.format(failed).count("\n") >= 2  # a traceback keeps its lines
