@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import pytest
+from recording import Recording
 
 from service.aggregator import Aggregator
 from service.errors import StorageError
 from service.parsing import MAX_CSV_BYTES
-from service.storage import ObjectInfo, ObjectStore
+from service.storage import ObjectStore
 
 OUTPUT = "processed_data/output.csv"
 HEADER = "user_id,first_name,last_name,birthts,img_path"
@@ -20,47 +20,6 @@ HEADER = "user_id,first_name,last_name,birthts,img_path"
 
 def user_csv(first: str, last: str, birthts: int | str, header: str = "first_name, last_name, birthts") -> bytes:
     return f"{header}\n{first}, {last}, {birthts}\n".encode()
-
-
-class Recording:
-    """Delegates to a store, recording GETs and failing PUTs of chosen keys."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.gets: list[str] = []
-        self.fail_put: set[str] = set()
-
-    @property
-    def bucket(self) -> str:
-        return self.inner.bucket
-
-    async def ensure_bucket(self) -> None:
-        await self.inner.ensure_bucket()
-
-    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
-        async for page in self.inner.list(prefix):
-            yield page
-
-    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        self.gets.append(key)
-        return await self.inner.get(key, max_bytes)
-
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        if key in self.fail_put:
-            raise StorageError(f"injected failure writing {key}")
-        return await self.inner.put(key, data, content_type)
-
-    async def stat(self, key: str) -> ObjectInfo:
-        return await self.inner.stat(key)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def exists(self, key: str) -> bool:
-        return await self.inner.exists(key)
-
-    async def close(self) -> None:
-        return None
 
 
 def aggregator(store: ObjectStore, output_key: str = OUTPUT) -> Aggregator:

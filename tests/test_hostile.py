@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 from aiohttp.test_utils import TestClient
 from miniopy_async.error import S3Error
+from recording import Recording
 from s3server import BucketPool, SeaweedServer, free_ports
 
 import service
@@ -57,46 +58,6 @@ LEAK_MARKERS = ("Traceback (most recent call last)", 'File "', str(Path(service.
 
 def user_csv(first: str, last: str, birthts: int | str) -> bytes:
     return f"first_name,last_name,birthts\n{first},{last},{birthts}\n".encode()
-
-
-class Recording:
-    """Delegates to a store, recording every GET and the bytes it returned; can under-report sizes."""
-
-    def __init__(self, inner: ObjectStore, listed_sizes: dict[str, int] | None = None) -> None:
-        self.inner = inner
-        self.listed_sizes = listed_sizes or {}
-        self.gets: list[tuple[str, int | None, int]] = []  # key, max_bytes, bytes returned
-
-    @property
-    def bucket(self) -> str:
-        return self.inner.bucket
-
-    async def ensure_bucket(self) -> None:
-        await self.inner.ensure_bucket()
-
-    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
-        async for page in self.inner.list(prefix):
-            yield [ObjectInfo(i.key, i.etag, self.listed_sizes.get(i.key, i.size), i.last_modified) for i in page]
-
-    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        data = await self.inner.get(key, max_bytes)
-        self.gets.append((key, max_bytes, len(data)))
-        return data
-
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        return await self.inner.put(key, data, content_type)
-
-    async def stat(self, key: str) -> ObjectInfo:
-        return await self.inner.stat(key)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def exists(self, key: str) -> bool:
-        return await self.inner.exists(key)
-
-    async def close(self) -> None:
-        return None
 
 
 def aggregator(store: ObjectStore, output_key: str = OUTPUT, concurrency: int = 8) -> Aggregator:
@@ -237,7 +198,7 @@ async def test_a_corpus_of_bad_files_is_ingested_or_rejected_with_reasons(store:
     # Nothing changed: only the file that may become valid with time is fetched again; same verdicts.
     recording = Recording(store)
     again = (await aggregator(recording).run()).report
-    assert [key for key, _, _ in recording.gets if key.startswith(SRC)] == ["src-data/future.csv"]
+    assert [key for key, _, _ in recording.reads if key.startswith(SRC)] == ["src-data/future.csv"]
     assert (again.fetched, again.output_written) == (1, False)
     assert {r.key: r.reason for r in again.rejected} == got_rejected
 
@@ -269,14 +230,14 @@ async def test_a_50_mib_file_is_rejected_without_being_downloaded(store: ObjectS
     assert {r.key: r.reason for r in report.rejected} == {
         key: f"file is larger than {MAX_CSV_BYTES} bytes (not downloaded)"
     }
-    assert [g[0] for g in recording.gets if g[0].startswith(SRC)] == ["src-data/small.csv"]
+    assert [g[0] for g in recording.reads if g[0].startswith(SRC)] == ["src-data/small.csv"]
     assert peak < 16 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB: the 50 MiB file was read"
 
     # A listing that under-reports the size (the file grew after it was listed): the GET is bounded.
     lying = Recording(store, listed_sizes={key: 100})
     report = (await aggregator(lying, output_key="processed_data/other.csv").run()).report
     assert {r.key: r.reason for r in report.rejected} == {key: f"file is larger than {MAX_CSV_BYTES} bytes"}
-    big_gets = [g for g in lying.gets if g[0] == key]
+    big_gets = [g for g in lying.reads if g[0] == key]
     assert big_gets == [(key, MAX_CSV_BYTES, MAX_CSV_BYTES + 1)]
 
 
@@ -363,7 +324,7 @@ async def test_local_store_odd_names_and_links_never_escape_the_bucket(tmp_path:
     }
     assert (report.listed, report.ignored) == (3, 1)  # links and the FIFO are not listed; the bad name is ignored
     assert await output_rows(store) == {"ok": ("Ok", "Ok", 1, "")}
-    read = {key for key, _, _ in recording.gets}
+    read = {key for key, _, _ in recording.reads}
     assert not any("link" in key or "fifo" in key for key in read), read
 
 
