@@ -267,7 +267,8 @@ class Aggregator:
             version, output_etag, written = header.version, header.output_etag, False
         else:
             version = (header.version if header else 0) + 1
-            output_etag = await self._store.put(self.output_key, computed.output_bytes(), "text/csv")
+            data = await asyncio.to_thread(computed.output_bytes)
+            output_etag = await self._store.put(self.output_key, data, "text/csv")
             written = True
         new_header = mf.ManifestHeader(version=version, output_etag=output_etag)
         if written or computed.manifest_changed or self._committed is None:

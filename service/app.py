@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -24,7 +25,7 @@ from .events import Broadcaster, RunFinished, RunProgress
 from .history import HistoryStore
 from .metrics import Metrics
 from .report import Outcome, RunReport
-from .runner import Runner
+from .runner import Runner, RunnerClosed
 from .schema import Context, build_schema
 from .snapshot import Snapshot
 from .state import ServiceState
@@ -104,6 +105,7 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     runner = Runner(
         aggregator,
         lambda result: state.publish(_snapshot_of(result)),
+        held=True,  # until the run history is restored, so run ids stay unique and ordered
         history=HISTORY_LIMIT,
         on_progress=_throttled(lambda run_id, p: broadcaster.publish(RunProgress(run_id, p))),
         on_report=on_report,
@@ -121,8 +123,9 @@ async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def scheduled_run(runner: Runner) -> None:
-    """The cron callback."""
-    await runner.run("schedule")
+    """The cron callback (a tick during start-up or shutdown has nothing to do)."""
+    with contextlib.suppress(RunnerClosed, NotReady):
+        await runner.run("schedule")
 
 
 def _snapshot_of(result: RunResult) -> Snapshot:

@@ -27,6 +27,8 @@ class Settings:
     minio_access_key: str | None = field(default=None, repr=False)
     minio_secret_key: str | None = field(default=None, repr=False)
     minio_secure: bool = False
+    minio_timeout: float = 30.0
+    minio_retries: int = 3
     data_dir: Path = Path("data")
     bucket: str = "datalake"
     src_prefix: str = "src-data/"
@@ -62,6 +64,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         minio_access_key=access,
         minio_secret_key=secret,
         minio_secure=_bool(env, "MINIO_SECURE", default=False),
+        minio_timeout=float(_int(env, "MINIO_TIMEOUT", 30, 1, 3600)),
+        minio_retries=_int(env, "MINIO_RETRIES", 3, 0, 20),
         data_dir=Path(_text(env, "DATA_DIR") or "data"),
         bucket=_bucket(env),
         src_prefix=src_prefix,

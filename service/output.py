@@ -48,14 +48,13 @@ def _winners(frame: pd.DataFrame) -> pd.DataFrame:
 
 def conflicts(manifest: pd.DataFrame) -> list[Conflict]:
     """Users claimed by more than one CSV (or more than one image)."""
-    claimed = manifest[manifest["user_id"].duplicated(keep=False)]
+    claimed = manifest[manifest.duplicated(["user_id", "kind"], keep=False)]
     found = []
     for (user_id, kind), group in claimed.groupby(["user_id", "kind"], sort=True):
-        if len(group) > 1:
-            ordered = group.sort_values(["mtime", "key"])
-            eligible = ordered[ordered["has_row"]] if kind == Kind.CSV.value else ordered
-            winner = str(eligible["key"].iloc[-1]) if len(eligible) else ""
-            found.append(Conflict(str(user_id), str(kind), tuple(ordered["key"]), winner))
+        ordered = group.sort_values(["mtime", "key"])
+        eligible = ordered[ordered["has_row"]] if kind == Kind.CSV.value else ordered
+        winner = str(eligible["key"].iloc[-1]) if len(eligible) else ""
+        found.append(Conflict(str(user_id), str(kind), tuple(ordered["key"]), winner))
     return found
 
 

@@ -9,7 +9,7 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
 from .aggregator import Aggregator, Progress, ProgressCallback, RunResult
-from .errors import ServiceError, StorageError
+from .errors import NotReady, ServiceError, StorageError
 from .report import Outcome, RunReport
 
 logger = logging.getLogger(__name__)
@@ -30,6 +30,7 @@ class Runner:
         history: int = 50,
         on_progress: Callable[[int, Progress], None] | None = None,
         on_report: Callable[[RunReport], Awaitable[None]] | None = None,
+        held: bool = False,
     ) -> None:
         self._aggregator = aggregator
         self._on_commit = on_commit
@@ -39,6 +40,7 @@ class Runner:
         self._pending_trigger = ""
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
+        self._held = held
         self._next_id = 1
         self.history: deque[RunReport] = deque(maxlen=history)
         self.running = False
@@ -51,6 +53,8 @@ class Runner:
         """Request a run and wait for its report; callers during a run share the next one."""
         if self._closed:
             raise RunnerClosed("the service is shutting down")
+        if self._held:
+            raise NotReady("the service is starting: the object store has not been reachable yet")
         if self._pending is None:
             self._pending = asyncio.get_running_loop().create_future()
             self._pending_trigger = trigger
@@ -98,7 +102,9 @@ class Runner:
         return None if hook is None else lambda progress: hook(run_id, progress)
 
     def restore(self, reports: list[RunReport]) -> None:
-        """Seed the history with persisted reports (oldest first); new run ids continue after them."""
+        """Seed the history with persisted reports (oldest first) and start accepting runs; new run
+        ids continue after the restored ones."""
+        self._held = False
         self.history.extend(reports)
         if reports:
             self._next_id = max(self._next_id, max(r.run_id for r in reports) + 1)

@@ -19,4 +19,6 @@ def open_store(settings: Settings) -> ObjectStore:
         settings.minio_secret_key or "",
         settings.bucket,
         secure=settings.minio_secure,
+        timeout=settings.minio_timeout,
+        retries=settings.minio_retries,
     )

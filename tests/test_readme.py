@@ -79,3 +79,12 @@ async def test_the_curl_examples_run(client: TestClient[Any, Any]) -> None:
         assert response.status == 200, (command, await response.text())
         body = await response.json()
         assert not (isinstance(body, dict) and body.get("errors")), (command, body)
+
+
+def test_every_setting_is_documented() -> None:
+    source = (ROOT / "service" / "config.py").read_text()
+    read = set(re.findall(r"\b_[a-z]+\(\s*env,\s*\"([A-Z][A-Z0-9_]*)\"", source))
+    assert len(read) >= 15
+    table = README.split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"`([A-Z][A-Z0-9_]+)`", table))
+    assert read <= documented, read - documented
