@@ -38,4 +38,6 @@ def classify(key: str) -> Classified:
 
 def _has_control(text: str) -> bool:
     # Control and format characters, and the surrogates that stand for undecodable file-name bytes.
+    if text.isascii():
+        return not text.isprintable()
     return any(unicodedata.category(ch) in ("Cc", "Cf", "Cs") for ch in text)

@@ -130,8 +130,10 @@ def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
 
 
 def _sorted_keys(base: Path, prefix: str) -> list[str]:
+    # Plain strings, not Path objects: this runs once per file, a million times for a big bucket.
     top = prefix.rpartition("/")[0]
-    start = base / top if top else base
+    start = os.path.join(base, top) if top else str(base)
+    skip = len(str(base)) + 1
     keys: list[str] = []
     stack = [start]
     while stack:
@@ -144,9 +146,9 @@ def _sorted_keys(base: Path, prefix: str) -> list[str]:
             raise StorageError(f"cannot list {directory}: {exc.strerror}") from exc
         for entry in entries:
             if entry.is_dir(follow_symlinks=False):
-                stack.append(Path(entry.path))
+                stack.append(entry.path)
             elif entry.is_file(follow_symlinks=False):
-                key = Path(entry.path).relative_to(base).as_posix()
+                key = entry.path[skip:]
                 if key.startswith(prefix):
                     keys.append(key)
     keys.sort()
@@ -155,9 +157,10 @@ def _sorted_keys(base: Path, prefix: str) -> list[str]:
 
 def _stat_many(root: Path, keys: list[str]) -> list[ObjectInfo]:
     page = []
+    base = str(root) + "/"
     for key in keys:
         try:
-            page.append(_info(key, os.stat(root / key)))
+            page.append(_info(key, os.stat(base + key)))
         except FileNotFoundError:
             continue  # deleted since the walk
     return page

@@ -24,6 +24,7 @@ DTYPES: dict[str, Any] = {
     "birthts": "int64",
 }  # fmt: skip
 OK, REJECTED = "ok", "rejected"
+VALUE_COLUMNS = ["first_name", "last_name", "birthts"]
 
 
 class ManifestError(ValueError):
@@ -70,47 +71,46 @@ def merge(listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, 
     of an earlier output indexed by user_id), so a bad upload never loses a user's row.
     """
     listing = listing.set_index("key")
-    prev = previous.set_index("key")[RESULT_COLUMNS]
     fresh = results.set_index("key")[RESULT_COLUMNS]
-    carried = prev.reindex(listing.index.difference(fresh.index))
-    merged = listing.join(pd.concat([carried, fresh]) if len(fresh) else carried)
-    merged = _fill_images(merged)
-    merged = _carry_last_valid(merged, prev, seed)
-    return merged.reset_index()[COLUMNS].astype(DTYPES)
+    prev = previous.set_index("key")[RESULT_COLUMNS]
+    carried = prev[prev.index.isin(listing.index) & ~prev.index.isin(fresh.index)]
+    new = listing.index.difference(fresh.index).difference(carried.index)  # objects never fetched: images
+    parts = [frame for frame in (carried, fresh, _defaults(new)) if len(frame)]
+    merged = listing.join(pd.concat(parts) if parts else _defaults(new))
+    merged = merged.astype({name: DTYPES[name] for name in RESULT_COLUMNS})
+    _carry_last_valid(merged, prev, seed)
+    return merged.reset_index()[COLUMNS]
 
 
-def _fill_images(frame: pd.DataFrame) -> pd.DataFrame:
-    images = frame["kind"] == Kind.IMAGE.value
-    frame.loc[images, ["status", "reason", "first_name", "last_name"]] = ""
-    frame.loc[images, "has_row"] = False
-    frame.loc[images, "birthts"] = 0
-    return frame
+def _defaults(keys: pd.Index) -> pd.DataFrame:
+    """Result columns of objects that are not parsed (images): empty values."""
+    values = {"status": "", "reason": "", "has_row": False, "first_name": "", "last_name": "", "birthts": 0}
+    return pd.DataFrame({name: pd.Series(values[name], index=keys, dtype=DTYPES[name]) for name in RESULT_COLUMNS})
 
 
-def _carry_last_valid(frame: pd.DataFrame, prev: pd.DataFrame, seed: pd.DataFrame) -> pd.DataFrame:
-    lost = (frame["status"] == REJECTED) & ~frame["has_row"].astype(bool)
-    if not lost.any():
-        return frame
-    value_columns = ["first_name", "last_name", "birthts"]
-    keys = frame.index[lost]
-    before = prev.reindex(keys)
-    from_prev = before["has_row"].fillna(False).astype(bool)
-    frame.loc[keys[from_prev.to_numpy()], value_columns] = before.loc[from_prev, value_columns].to_numpy()
-    frame.loc[keys[from_prev.to_numpy()], "has_row"] = True
-    rest = keys[~from_prev.to_numpy()]
-    if len(rest) and len(seed):
-        users = frame.loc[rest, "user_id"]
-        found = users.isin(seed.index)
-        hit = rest[found.to_numpy()]
-        frame.loc[hit, value_columns] = seed.loc[users[found], value_columns].to_numpy()
-        frame.loc[hit, "has_row"] = True
-    return frame
+def _carry_last_valid(frame: pd.DataFrame, prev: pd.DataFrame, seed: pd.DataFrame) -> None:
+    """Give CSVs that are rejected now the values they had when last valid (in place)."""
+    lost = frame.index[((frame["status"] == REJECTED) & ~frame["has_row"]).to_numpy()]
+    if not len(lost):
+        return
+    before = prev.loc[prev.index.intersection(lost)]
+    before = before[before["has_row"].to_numpy()]
+    for column in VALUE_COLUMNS:  # column by column: each keeps its dtype
+        frame.loc[before.index, column] = before[column]
+    frame.loc[before.index, "has_row"] = True
+    users = frame.loc[lost.difference(before.index), "user_id"]
+    users = users[users.isin(seed.index).to_numpy()]
+    for column in VALUE_COLUMNS:
+        frame.loc[users.index, column] = seed.loc[users.to_numpy(), column].to_numpy()
+    frame.loc[users.index, "has_row"] = True
 
 
 def to_bytes(manifest: pd.DataFrame, header: ManifestHeader) -> bytes:
     meta = json.dumps({"format": FORMAT, "version": header.version, "output_etag": header.output_etag})
-    body = manifest[COLUMNS].to_csv(index=False, lineterminator="\n")
-    return (meta + "\n" + body).encode()
+    buffer = io.BytesIO()
+    buffer.write(meta.encode() + b"\n")
+    manifest[COLUMNS].to_csv(buffer, index=False, lineterminator="\n", encoding="utf-8")
+    return buffer.getvalue()
 
 
 def from_bytes(data: bytes) -> tuple[pd.DataFrame, ManifestHeader]:

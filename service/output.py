@@ -81,7 +81,9 @@ def compare(old: pd.DataFrame, new: pd.DataFrame) -> Changes:
 
 
 def to_csv_bytes(table: pd.DataFrame) -> bytes:
-    return table[OUTPUT_COLUMNS].to_csv(index=False, lineterminator="\n").encode()
+    buffer = io.BytesIO()
+    table[OUTPUT_COLUMNS].to_csv(buffer, index=False, lineterminator="\n", encoding="utf-8")
+    return buffer.getvalue()
 
 
 def from_csv_bytes(data: bytes) -> pd.DataFrame:

@@ -1,0 +1,115 @@
+"""The manifest's merge and its serialization, on plain frames."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from service import manifest as mf
+from service.output import derive
+
+
+def listing(*rows: tuple[str, str, str]) -> pd.DataFrame:
+    """(key, etag, kind) rows; user_id is the key's base name."""
+    return pd.DataFrame(
+        {
+            "key": [k for k, _, _ in rows],
+            "etag": [e for _, e, _ in rows],
+            "size": 10,
+            "mtime": list(range(len(rows))),
+            "kind": [kind for _, _, kind in rows],
+            "user_id": [k.rpartition("/")[2].rpartition(".")[0] for k, _, _ in rows],
+        }
+    ).astype({c: mf.DTYPES[c] for c in mf.LISTING_COLUMNS})
+
+
+def results(*rows: tuple[str, str, tuple[str, str, int] | None]) -> pd.DataFrame:
+    """(key, reason, values) rows: values None means rejected with `reason`."""
+    frame = pd.DataFrame(
+        {
+            "key": [k for k, _, _ in rows],
+            "status": [mf.REJECTED if v is None else mf.OK for _, _, v in rows],
+            "reason": [r for _, r, _ in rows],
+            "has_row": [v is not None for _, _, v in rows],
+            "first_name": [v[0] if v else "" for _, _, v in rows],
+            "last_name": [v[1] if v else "" for _, _, v in rows],
+            "birthts": [v[2] if v else 0 for _, _, v in rows],
+        }
+    )
+    return frame.astype({c: mf.DTYPES[c] for c in ["key", *mf.RESULT_COLUMNS]})
+
+
+NO_SEED = pd.DataFrame({"first_name": [], "last_name": [], "birthts": []}, index=pd.Index([], name="user_id"))
+
+
+def test_first_merge_fetched_csvs_and_new_images() -> None:
+    merged = mf.merge(
+        listing(("s/1.csv", "a", "csv"), ("s/1.png", "b", "image"), ("s/2.csv", "c", "csv")),
+        mf.empty(),
+        results(("s/1.csv", "", ("Ann", "Lee", 5)), ("s/2.csv", "empty file", None)),
+        NO_SEED,
+    )
+    assert list(merged.columns) == mf.COLUMNS
+    assert dict(merged.dtypes.astype(str)) == {c: str(pd.Series(dtype=mf.DTYPES[c]).dtype) for c in mf.COLUMNS}
+    rows = merged.set_index("key")
+    assert rows.loc["s/1.png", ["status", "has_row", "birthts"]].tolist() == ["", False, 0]
+    assert rows.loc["s/2.csv", ["status", "reason", "has_row"]].tolist() == ["rejected", "empty file", False]
+    assert derive(merged).to_dict("records") == [
+        {"user_id": "1", "first_name": "Ann", "last_name": "Lee", "birthts": 5, "img_path": "s/1.png"}
+    ]
+
+
+def test_a_rejected_csv_keeps_its_last_valid_values_and_unchanged_rows_carry_over() -> None:
+    first = mf.merge(
+        listing(("s/1.csv", "a", "csv"), ("s/2.csv", "b", "csv"), ("s/3.png", "c", "image")),
+        mf.empty(),
+        results(("s/1.csv", "", ("Ann", "Lee", 5)), ("s/2.csv", "", ("Bo", "Li", -7))),
+        NO_SEED,
+    )
+    second = mf.merge(
+        listing(
+            ("s/1.csv", "a2", "csv"), ("s/2.csv", "b", "csv"), ("s/3.png", "c", "image"), ("s/4.png", "d", "image")
+        ),
+        first,
+        results(("s/1.csv", "birthts is not an integer: 'x'", None)),
+        NO_SEED,
+    )
+    rows = second.set_index("key")
+    assert rows.loc["s/1.csv", ["status", "has_row", "first_name", "birthts"]].tolist() == ["rejected", True, "Ann", 5]
+    assert rows.loc["s/1.csv", "etag"] == "a2"
+    assert rows.loc["s/2.csv", ["status", "first_name", "birthts"]].tolist() == ["ok", "Bo", -7]
+    assert second["birthts"].dtype == "int64"
+
+
+def test_the_seed_gives_rejected_csvs_the_rows_of_an_earlier_output() -> None:
+    seed = pd.DataFrame(
+        {"first_name": ["Old"], "last_name": ["Row"], "birthts": pd.array([9], dtype="int64")},
+        index=pd.Index(["1"], name="user_id"),
+    )
+    merged = mf.merge(
+        listing(("s/1.csv", "a", "csv"), ("s/2.csv", "b", "csv")),
+        mf.empty(),
+        results(("s/1.csv", "bad", None), ("s/2.csv", "bad", None)),
+        seed,
+    )
+    rows = merged.set_index("key")
+    assert rows.loc["s/1.csv", ["has_row", "first_name", "birthts"]].tolist() == [True, "Old", 9]
+    assert not rows.loc["s/2.csv", "has_row"]
+
+
+@pytest.mark.parametrize("name", ["NA", "null", "NaN", "None", "a,b", 'q"uote', "new\nline", "  spaced  ", "ünï"])
+def test_serialization_round_trips_awkward_strings(name: str) -> None:
+    merged = mf.merge(
+        listing((f"s/{name}.csv", "e", "csv")), mf.empty(), results((f"s/{name}.csv", "", (name, name, 1))), NO_SEED
+    )
+    frame, header = mf.from_bytes(mf.to_bytes(merged, mf.ManifestHeader(3, "etag-x")))
+    assert header == mf.ManifestHeader(3, "etag-x")
+    pd.testing.assert_frame_equal(frame, merged)
+
+
+@pytest.mark.parametrize(
+    "data", [b"", b"{}\n", b'{"format": 1, "version": 1, "output_etag": "x"}\nkey\n1\n', b"\xff\xfe\n"]
+)
+def test_unusable_manifests_are_refused(data: bytes) -> None:
+    with pytest.raises(mf.ManifestError):
+        mf.from_bytes(data)
