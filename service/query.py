@@ -90,16 +90,24 @@ def user(snapshot: Snapshot, user_id: str, today: date) -> UserRow | None:
 
 
 def stats(snapshot: Snapshot, flt: UserFilter, today: date) -> Stats:
-    positions = select(snapshot, flt, today)
-    ages = snapshot.ages(today)[positions]
-    with_image = int(snapshot.has_image[positions].sum())
-    if not len(ages):
+    """From the per-day (image, age) histogram: the work grows with the number of ages, not of users."""
+    lowest, counts = snapshot.age_counts(today)
+    start = max(flt.min_age - lowest, 0) if flt.min_age is not None else 0
+    stop = max(flt.max_age - lowest + 1, 0) if flt.max_age is not None else counts.shape[1]
+    rows = (0, 1) if flt.has_image is None else (int(flt.has_image),)
+    window = counts[list(rows), start:stop]
+    per_age = window.sum(axis=0)
+    count = int(per_age.sum())
+    if not count:
         return Stats(0, None, None, None, 0, 0)
+    ages = np.arange(lowest + start, lowest + start + len(per_age))
+    present = np.flatnonzero(per_age)
+    with_image = int(window[-1].sum()) if rows[-1] == 1 else 0
     return Stats(
-        count=len(ages),
-        average_age=float(ages.mean()),
-        min_age=int(ages.min()),
-        max_age=int(ages.max()),
+        count=count,
+        average_age=int(per_age @ ages) / count,  # exact integer sum: the same value as ages.mean()
+        min_age=int(ages[present[0]]),
+        max_age=int(ages[present[-1]]),
         with_image=with_image,
-        without_image=len(ages) - with_image,
+        without_image=count - with_image,
     )

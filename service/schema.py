@@ -13,16 +13,18 @@ from urllib.parse import quote
 import strawberry
 from aiohttp import web
 from graphql import GraphQLError
+from graphql.validation import ASTValidationRule
 from strawberry.extensions import (
+    AddValidationRules,
     DisableIntrospection,
     MaskErrors,
-    MaxAliasesLimiter,
     MaxTokensLimiter,
     ParserCache,
-    QueryDepthLimiter,
     SchemaExtension,
     ValidationCache,
 )
+from strawberry.extensions.max_aliases import create_validator as max_aliases_rule
+from strawberry.extensions.query_depth_limiter import create_validator as max_depth_rule
 from strawberry.schema.config import StrawberryConfig
 from strawberry.types import ExecutionContext
 
@@ -283,6 +285,12 @@ class ServiceSchema(strawberry.Schema):
             super().process_errors(unexpected, execution_context)
 
 
+# Built once: QueryDepthLimiter and MaxAliasesLimiter create a new rule class per instance, i.e. per
+# request when passed as factories, which makes every ValidationCache key unique (strawberry#4635):
+# every request would be validated again. Stable rule classes keep the cache effective.
+_VALIDATION_RULES: list[type[ASTValidationRule]] = [max_depth_rule(8, None, None), max_aliases_rule(20)]
+
+
 def build_schema(
     extensions: Iterable[Callable[[], SchemaExtension]] = (), *, introspection: bool = True
 ) -> strawberry.Schema:
@@ -307,9 +315,8 @@ def build_schema(
             DocumentGuard,  # before the validation-time limiters
             partial(ParserCache, maxsize=256),
             partial(ValidationCache, maxsize=256),
-            partial(QueryDepthLimiter, max_depth=8),
+            partial(AddValidationRules, _VALIDATION_RULES),
             partial(MaxTokensLimiter, max_token_count=2000),
-            partial(MaxAliasesLimiter, max_alias_count=20),
             partial(MaskErrors, should_mask_error=_should_mask, error_message="Internal error."),
             *limits,
             *extensions,

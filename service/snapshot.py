@@ -30,6 +30,7 @@ class Snapshot:
     birth_year: IntArray = field(init=False)
     birth_month_day: IntArray = field(init=False)  # month * 100 + day, for "has the birthday come"
     _ages: dict[date, IntArray] = field(init=False)
+    _age_counts: dict[date, tuple[int, IntArray]] = field(init=False)
     _lock: threading.Lock = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +47,7 @@ class Snapshot:
             ("birth_year", years),
             ("birth_month_day", months * 100 + days),
             ("_ages", {}),
+            ("_age_counts", {}),
             ("_lock", threading.Lock()),
         ):
             object.__setattr__(self, name, value)
@@ -72,6 +74,21 @@ class Snapshot:
             self._ages.clear()  # keep only today's
             self._ages[today] = ages
             return ages
+
+    def age_counts(self, today: date) -> tuple[int, IntArray]:
+        """(lowest, counts): counts[i, a] users of age lowest + a, row 1 with an image; once per day."""
+        cached = self._age_counts.get(today)
+        if cached is not None:
+            return cached
+        ages = self.ages(today)
+        lowest = min(0, int(ages.min())) if len(ages) else 0  # a hand-edited output may hold future births
+        width = (int(ages.max()) if len(ages) else 0) - lowest + 1
+        counts = np.bincount(ages - lowest + width * self.has_image, minlength=2 * width).reshape(2, width)
+        counts.setflags(write=False)
+        with self._lock:
+            self._age_counts.clear()  # keep only today's
+            self._age_counts[today] = (lowest, counts)
+        return lowest, counts
 
 
 def empty_snapshot() -> Snapshot:

@@ -126,3 +126,32 @@ def test_user_lookup_and_empty_snapshot() -> None:
     assert query.user(snapshot, "nope", TODAY) is None
     empty = Snapshot(snapshot.table.iloc[0:0], 0, datetime.now(UTC))
     assert query.stats(empty, query.UserFilter(), TODAY) == query.Stats(0, None, None, None, 0, 0)
+
+
+@given(
+    people=st.lists(
+        st.tuples(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27)), st.booleans()),
+        max_size=60,
+    ),
+    has_image=st.none() | st.booleans(),
+    min_age=st.none() | st.integers(min_value=0, max_value=130),
+    span=st.none() | st.integers(min_value=0, max_value=130),
+)
+def test_stats_equal_a_brute_force_count(
+    people: list[tuple[int, bool]], has_image: bool | None, min_age: int | None, span: int | None
+) -> None:
+    max_age = None if span is None else (min_age or 0) + span
+    snapshot = snapshot_of([(f"u{i:03}", b, "img.png" if img else "") for i, (b, img) in enumerate(people)])
+    chosen = [
+        (reference_age(b, TODAY), img)
+        for b, img in people
+        if (has_image is None or img == has_image)
+        and (min_age is None or reference_age(b, TODAY) >= min_age)
+        and (max_age is None or reference_age(b, TODAY) <= max_age)
+    ]
+    result = query.stats(snapshot, query.UserFilter(has_image, min_age, max_age), TODAY)
+    ages = [age for age, _ in chosen]
+    assert result.count == len(chosen)
+    assert result.average_age == (pytest.approx(statistics.mean(ages)) if ages else None)
+    assert (result.min_age, result.max_age) == ((min(ages), max(ages)) if ages else (None, None))
+    assert result.with_image == sum(img for _, img in chosen)
