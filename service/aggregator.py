@@ -139,9 +139,12 @@ class Aggregator:
         """The stored output and its version (0 when no manifest vouches for it); None when there is none."""
         try:
             data = await self._store.get(self.output_key)
+            table = await asyncio.to_thread(out.from_csv_bytes, data)
         except ObjectNotFound:
             return None
-        table = await asyncio.to_thread(out.from_csv_bytes, data)
+        except out.OutputError as exc:
+            logger.warning("not serving %s until the next run replaces it: %s", self.output_key, exc)
+            return None
         _, header = await self._read_manifest([])
         return table, header.version if header is not None else 0
 

@@ -251,3 +251,8 @@ async def test_a_future_birthts_is_accepted_once_its_time_has_come(store: Object
     assert recording.gets == ["src-data/1.csv"]  # the other rejected file is not downloaded again
     assert await rows_by_user(store) == {"1": ("Early", "Bird", str(soon), "")}
     assert second.added == 1
+
+
+async def test_an_unreadable_stored_output_is_not_served(store: ObjectStore) -> None:
+    await store.put(OUTPUT, b"not,the,header\n1,2,3\n")
+    assert await aggregator(store).load_committed() is None

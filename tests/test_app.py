@@ -434,3 +434,12 @@ async def test_the_same_flow_against_s3(
     assert run == {"added": 1, "users": len(PEOPLE) + 1}
     stored = (await minio_store.get("processed_data/output.csv")).decode().splitlines()
     assert stored[0] == "user_id,first_name,last_name,birthts,img_path" and len(stored) == len(PEOPLE) + 2
+
+
+async def test_a_corrupt_stored_output_is_replaced_by_the_startup_run(
+    aiohttp_client: ClientFactory, local: LocalStore, settings: Settings
+) -> None:
+    await local.put("processed_data/output.csv", b"\x00garbage")
+    client = await aiohttp_client(create_app(settings, store=local))
+    await wait_ready(client)
+    assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == len(PEOPLE)
