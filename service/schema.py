@@ -313,8 +313,8 @@ def build_schema(
         ),
         extensions=[  # factories: a fresh extension per operation, caches shared at module level
             DocumentGuard,  # before the validation-time limiters
-            partial(ParserCache, maxsize=256),
-            partial(ValidationCache, maxsize=256),
+            partial(ParserCache, maxsize=4096),
+            partial(ValidationCache, maxsize=4096),
             partial(AddValidationRules, _VALIDATION_RULES),
             partial(MaxTokensLimiter, max_token_count=2000),
             partial(MaskErrors, should_mask_error=_should_mask, error_message="Internal error."),
