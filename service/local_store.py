@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from .errors import ObjectNotFound, StorageError
-from .storage import ObjectInfo, check_key, check_prefix
+from .storage import ObjectInfo, check_key, check_prefix, exists_by_stat
 
 PAGE_SIZE = 1000
 
@@ -79,11 +79,7 @@ class LocalStore:
             raise StorageError(f"cannot delete {key!r}: {exc.strerror}") from exc
 
     async def exists(self, key: str) -> bool:
-        try:
-            await self.stat(key)
-        except ObjectNotFound:
-            return False
-        return True
+        return await exists_by_stat(self, key)
 
     async def close(self) -> None:
         return None

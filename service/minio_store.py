@@ -16,7 +16,7 @@ from miniopy_async.error import InvalidResponseError, MinioException, S3Error, S
 from miniopy_async.helpers import check_bucket_name
 
 from .errors import ObjectNotFound, StorageError
-from .storage import ObjectInfo, check_key, check_prefix
+from .storage import ObjectInfo, check_key, check_prefix, exists_by_stat
 
 T = TypeVar("T")
 
@@ -163,11 +163,7 @@ class MinioStore:
             return
 
     async def exists(self, key: str) -> bool:
-        try:
-            await self.stat(key)
-        except ObjectNotFound:
-            return False
-        return True
+        return await exists_by_stat(self, key)
 
     # -- retries and errors ----------------------------------------------------------------
 

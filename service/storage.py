@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
-from .errors import InvalidKey
+from .errors import InvalidKey, ObjectNotFound
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,3 +64,12 @@ def check_key(key: str) -> str:
     if not key or key.startswith("/") or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
         raise InvalidKey(f"invalid object key {key[:200]!r}")
     return key
+
+
+async def exists_by_stat(store: ObjectStore, key: str) -> bool:
+    """`exists` for adapters whose `stat` raises `ObjectNotFound` for a missing object."""
+    try:
+        await store.stat(key)
+    except ObjectNotFound:
+        return False
+    return True

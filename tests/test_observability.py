@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
-from test_app import NEVER, ClientFactory, gql, seed, wait_ready
+from test_app import NEVER, ClientFactory, client, gql, local, wait_ready
 
 from service.app import create_app
 from service.config import Settings
@@ -19,20 +19,7 @@ from service.local_store import LocalStore
 from service.logs import JsonFormatter, TextFormatter
 
 PROTOCOL = "graphql-transport-ws"
-
-
-@pytest.fixture
-async def store(tmp_path: Path) -> LocalStore:
-    store = LocalStore(tmp_path, "datalake")
-    await seed(store)
-    return store
-
-
-@pytest.fixture
-async def client(aiohttp_client: ClientFactory, store: LocalStore) -> TestClient[Any, Any]:
-    client = await aiohttp_client(create_app(Settings(schedule=NEVER), store=store))
-    await wait_ready(client)
-    return client
+__all__ = ["client", "local"]  # fixtures shared with test_app
 
 
 def metric(text: str, name: str) -> float:
@@ -60,8 +47,8 @@ async def test_metrics(client: TestClient[Any, Any]) -> None:
     assert metric(text, 'http_responses_total{method="POST",route="/graphql",status="200"}') == 3
 
 
-async def test_run_history_survives_a_restart(aiohttp_client: ClientFactory, store: LocalStore) -> None:
-    first = await aiohttp_client(create_app(Settings(schedule=NEVER), store=store))
+async def test_run_history_survives_a_restart(aiohttp_client: ClientFactory, local: LocalStore) -> None:
+    first = await aiohttp_client(create_app(Settings(schedule=NEVER), store=local))
     await wait_ready(first)
     await gql(first, "mutation { reprocess { id } }")
     before = (await gql(first, "{ runs { id trigger outcome rejected { key } } }"))["data"]["runs"]
@@ -69,7 +56,7 @@ async def test_run_history_survives_a_restart(aiohttp_client: ClientFactory, sto
     assert [r["trigger"] for r in before] == ["mutation", "startup"]
 
     second = await aiohttp_client(
-        create_app(Settings(schedule=NEVER), store=LocalStore(store._root.parent, "datalake"))
+        create_app(Settings(schedule=NEVER), store=LocalStore(local._root.parent, "datalake"))
     )
     await wait_ready(second)
     for _ in range(100):
@@ -114,8 +101,8 @@ async def test_run_events_stream_progress_then_the_report(client: TestClient[Any
     await snapshots.close()
 
 
-async def test_subscriptions_check_the_token_in_the_handshake(aiohttp_client: ClientFactory, store: LocalStore) -> None:
-    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token="tok-3"), store=store))
+async def test_subscriptions_check_the_token_in_the_handshake(aiohttp_client: ClientFactory, local: LocalStore) -> None:
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token="tok-3"), store=local))
     await wait_ready(client)
     ws = await client.ws_connect("/graphql", protocols=(PROTOCOL,))
     await ws.send_json({"type": "connection_init", "payload": {"Authorization": "Bearer wrong"}})
