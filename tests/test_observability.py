@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
-from test_app import NEVER, ClientFactory, client, gql, local, wait_ready
+from test_app import NEVER, ClientFactory, client, gql, local, settings, wait_ready
 
 from service.app import create_app
 from service.config import Settings
@@ -19,7 +19,7 @@ from service.local_store import LocalStore
 from service.logs import JsonFormatter, TextFormatter
 
 PROTOCOL = "graphql-transport-ws"
-__all__ = ["client", "local"]  # fixtures shared with test_app
+__all__ = ["client", "local", "settings"]  # fixtures shared with test_app
 
 
 def metric(text: str, name: str) -> float:
