@@ -5,7 +5,7 @@ the first full run, runs after 1% of the CSVs changed, a no-change run, the list
 seed's approach (sequential GET + pandas.read_csv per file); then, optionally, a FETCH_CONCURRENCY
 sweep of the full run. Only 127.0.0.1 is contacted.
 
-    /work/venv/bin/python bench/bench_aggregator.py --users 5000
+    python bench/bench_aggregator.py --users 5000
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ process of its own so that its peak RSS (VmHWM, read by the child) is clean: the
 (os.scandir + stat of every file), the read floor (also read every CSV), the project's listing
 (LocalStore.list), the first full run, a no-change run and a run after 1% of the CSVs changed.
 
-    /work/venv/bin/python bench/bench_local.py --users 1000000
+    python bench/bench_local.py --users 1000000
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ core, less sensitive than req/s to the client's share of the CPUs and to other l
 server, by this client and by every other process meanwhile; then the ratios against the goals (by req/s
 and by server CPU per request) and the service's RSS. The machine's CPUs are shared by client and server.
 
-    /work/venv/bin/python bench/bench_queries.py --users 100000 --concurrency 8 --duration 10
+    python bench/bench_queries.py --users 100000 --concurrency 8 --duration 10
 
 `--data-dir DIR` keeps (and reuses) the demo data; `--service-src DIR` runs (S) and (b) with the `service`
 package of another directory, e.g. a scratch copy with a proposed change.

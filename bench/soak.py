@@ -15,8 +15,8 @@
 
 Bounded: the whole script stops by itself (start-up has its own deadline) and always stops the server.
 
-    /work/venv/bin/python bench/soak.py                      # 200 req/s for 180 s, 20,000 users
-    /work/venv/bin/python bench/soak.py --rate 50 --duration 30 --window 10 --users 2000
+    python bench/soak.py                      # 200 req/s for 180 s, 20,000 users
+    python bench/soak.py --rate 50 --duration 30 --window 10 --users 2000
 """
 
 from __future__ import annotations
