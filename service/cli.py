@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -17,8 +16,6 @@ from .demo import write_demo_data
 from .errors import ConfigError, ServiceError
 from .report import RunReport
 from .stores import open_store
-
-logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -37,10 +37,6 @@ class Broadcaster:
         self._queues: set[asyncio.Queue[Event]] = set()
         self._size = queue_size
 
-    @property
-    def subscribers(self) -> int:
-        return len(self._queues)
-
     def publish(self, event: Event) -> None:
         for queue in self._queues:
             if queue.full():

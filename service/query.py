@@ -66,8 +66,9 @@ def select(snapshot: Snapshot, flt: UserFilter, today: date) -> IntArray:
 
 
 def users(snapshot: Snapshot, positions: IntArray, today: date) -> list[UserRow]:
-    table, ages = snapshot.table, snapshot.ages(today)
-    first, last, img = (table[c].to_numpy()[positions] for c in ("first_name", "last_name", "img_path"))
+    ages, texts = snapshot.ages(today), snapshot.texts
+    # Columns converted once per snapshot, not per request: only the page's rows are touched here.
+    first, last, img = (texts[c][positions] for c in ("first_name", "last_name", "img_path"))
     return [
         UserRow(str(u), str(f), str(ln), int(b), str(i), int(a))
         for u, f, ln, b, i, a in zip(

@@ -43,7 +43,6 @@ class Runner:
         self._held = held
         self._next_id = 1
         self.history: deque[RunReport] = deque(maxlen=history)
-        self.running = False
 
     @property
     def last_report(self) -> RunReport | None:
@@ -77,7 +76,6 @@ class Runner:
     async def _execute(self, trigger: str) -> RunReport:
         run_id, self._next_id = self._next_id, self._next_id + 1
         started = datetime.now(UTC)
-        self.running = True
         try:
             result = await self._aggregator.run(run_id, trigger, self._progress_for(run_id))
         except StorageError as exc:
@@ -90,8 +88,6 @@ class Runner:
             report = result.report
             self._on_commit(result)
             _log_report(report)
-        finally:
-            self.running = False
         self.history.append(report)
         if self._on_report is not None:
             await self._on_report(report)

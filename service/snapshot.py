@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import date, datetime
 
 import numpy as np
 import numpy.typing as npt
@@ -25,6 +25,7 @@ class Snapshot:
     committed_at: datetime
     report: RunReport | None = None
     user_ids: npt.NDArray[np.object_] = field(init=False)
+    texts: dict[str, npt.NDArray[np.object_]] = field(init=False)  # first_name, last_name, img_path
     birthts: IntArray = field(init=False)
     has_image: BoolArray = field(init=False)
     birth_year: IntArray = field(init=False)
@@ -42,6 +43,7 @@ class Snapshot:
         user_ids = self.table["user_id"].to_numpy(dtype=object)
         for name, value in (
             ("user_ids", user_ids),
+            ("texts", {c: self.table[c].to_numpy(dtype=object) for c in ("first_name", "last_name", "img_path")}),
             ("birthts", births),
             ("has_image", (self.table["img_path"] != "").to_numpy()),
             ("birth_year", years),
@@ -89,9 +91,3 @@ class Snapshot:
             self._age_counts.clear()  # keep only today's
             self._age_counts[today] = (lowest, counts)
         return lowest, counts
-
-
-def empty_snapshot() -> Snapshot:
-    from .output import empty_output
-
-    return Snapshot(empty_output(), version=0, committed_at=datetime.now(UTC))
