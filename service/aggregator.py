@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
 from collections.abc import Callable, Coroutine
@@ -15,6 +16,7 @@ from . import manifest as mf
 from . import output as out
 from .errors import InvalidKey, ObjectNotFound
 from .keys import Kind
+from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
 from .report import Outcome, RejectedFile, RunReport
 from .storage import ObjectStore
@@ -62,23 +64,48 @@ class _State:
 
 @dataclass
 class _Results:
-    """Parse results of fetched CSVs, as columns."""
+    """Parse results of fetched CSVs, as columns (birthts in a typed array: no int object per row)."""
 
-    columns: dict[str, list[object]] = field(default_factory=lambda: {c: [] for c in ["key", *mf.RESULT_COLUMNS]})
+    keys: list[str] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)
+    first_names: list[str] = field(default_factory=list)
+    last_names: list[str] = field(default_factory=list)
+    birthts: array.array[int] = field(default_factory=lambda: array.array("q"))
     vanished: set[str] = field(default_factory=set)
 
+    def __len__(self) -> int:
+        return len(self.keys)
+
     def ok(self, key: str, first: str, last: str, birthts: int) -> None:
-        self._add(key, mf.OK, "", True, first, last, birthts)
+        self._add(key, "", first, last, birthts)
 
     def rejected(self, key: str, reason: str) -> None:
-        self._add(key, mf.REJECTED, reason, False, "", "", 0)
+        self._add(key, reason or "rejected", "", "", 0)
 
-    def _add(self, *values: object) -> None:
-        for column, value in zip(self.columns.values(), values, strict=True):
-            column.append(value)
+    def _add(self, key: str, reason: str, first: str, last: str, birthts: int) -> None:
+        self.keys.append(key)
+        self.reasons.append(reason)
+        self.first_names.append(first)
+        self.last_names.append(last)
+        self.birthts.append(birthts)
 
-    def frame(self) -> pd.DataFrame:
-        return pd.DataFrame(self.columns).astype({c: mf.DTYPES[c] for c in ["key", *mf.RESULT_COLUMNS]})
+    def take_frame(self) -> pd.DataFrame:
+        """The results as a frame; the lists are emptied (at a million rows they are tens of MiB)."""
+        valid = np.array([not reason for reason in self.reasons], dtype=bool)
+        columns = {
+            "key": pd.Series(self.keys, dtype=mf.DTYPES["key"]),
+            "status": pd.Series(np.where(valid, mf.OK, mf.REJECTED), dtype=mf.DTYPES["status"]),
+            "reason": pd.Series(self.reasons, dtype=mf.DTYPES["reason"]),
+            "has_row": valid,
+            "first_name": pd.Series(self.first_names, dtype=mf.DTYPES["first_name"]),
+            "last_name": pd.Series(self.last_names, dtype=mf.DTYPES["last_name"]),
+            "birthts": np.frombuffer(self.birthts, dtype=np.int64).copy() if self.birthts else np.zeros(0, np.int64),
+        }
+        frame = pd.DataFrame(columns, copy=False)
+        for values in (self.keys, self.reasons, self.first_names, self.last_names):
+            values.clear()
+        del self.birthts[:]
+        return frame
 
 
 class Aggregator:
@@ -108,7 +135,9 @@ class Aggregator:
         started = self._clock()
         state = await self._load_state()
         listing, ignored, results = await self._scan(state.manifest, progress)
+        listed, fetched = len(listing) + ignored, len(results)  # before _compute takes the results
         computed = await asyncio.to_thread(_compute, listing, state, results)
+        del listing, results  # at a million users these are hundreds of MiB: not needed for the commit
         version, written = await self._commit(state, computed)
         changes, output = computed.changes, computed.output
         report = RunReport(
@@ -117,8 +146,8 @@ class Aggregator:
             started_at=started,
             finished_at=self._clock(),
             outcome=Outcome.SUCCEEDED,
-            listed=len(listing) + ignored,
-            fetched=len(results.columns["key"]),
+            listed=listed,
+            fetched=fetched,
             added=changes.added,
             updated=changes.updated,
             removed=changes.removed,
@@ -181,7 +210,7 @@ class Aggregator:
             return cached.manifest, cached.header
         data = await self._store.get(self.manifest_key)
         try:
-            manifest, header = await asyncio.to_thread(mf.from_bytes, data)
+            manifest, header = await asyncio.to_thread(_parse_manifest, data)
         except mf.ManifestError as exc:
             warnings.append(f"manifest {self.manifest_key} is unusable ({exc}): rebuilding from scratch")
             return None, None
@@ -201,8 +230,7 @@ class Aggregator:
     ) -> tuple[pd.DataFrame, int, _Results]:
         """List the prefix; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
         # A file rejected only for a future birthts may become valid with time: fetch it again.
-        retry = previous["reason"].str.endswith(FUTURE_SUFFIX).to_numpy()
-        known = pd.Series(np.where(retry, "", previous["etag"].to_numpy()), index=previous["key"].to_numpy())
+        diff = mf.Diff(previous, refetch=previous["reason"].str.endswith(FUTURE_SUFFIX).to_numpy())
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._concurrency * 2)
         results = _Results()
         pages: list[pd.DataFrame] = []
@@ -211,7 +239,7 @@ class Aggregator:
 
         def report_progress() -> None:
             if progress is not None:
-                progress(Progress(counts["listed"], counts["to_fetch"], len(results.columns["key"])))
+                progress(Progress(counts["listed"], counts["to_fetch"], len(results)))
 
         async def produce() -> None:
             async for page in self._store.list(self._prefix):
@@ -219,9 +247,7 @@ class Aggregator:
                 pages.append(frame)
                 counts["listed"] += len(page)
                 counts["ignored"] += ignored
-                changed = (frame["kind"] == Kind.CSV.value).to_numpy() & (
-                    frame["etag"].to_numpy() != known.reindex(frame["key"]).to_numpy()
-                )
+                changed = (frame["kind"] == Kind.CSV.value).to_numpy() & diff.changed(frame)
                 too_big = changed & (frame["size"].to_numpy() > MAX_CSV_BYTES)
                 for key in frame["key"].to_numpy()[too_big]:
                     results.rejected(str(key), f"file is larger than {MAX_CSV_BYTES} bytes (not downloaded)")
@@ -272,11 +298,12 @@ class Aggregator:
             version = (header.version if header else 0) + 1
             data = await asyncio.to_thread(computed.output_bytes)
             output_etag = await self._store.put(self.output_key, data, "text/csv")
+            del data  # not held while the manifest is serialized
             written = True
         new_header = mf.ManifestHeader(version=version, output_etag=output_etag)
         if written or computed.manifest_changed or self._committed is None:
             data = await asyncio.to_thread(mf.to_bytes, computed.manifest, new_header)
-            manifest_etag = await self._store.put(self.manifest_key, data, "text/csv")
+            manifest_etag = await self._store.put(self.manifest_key, data, "application/gzip")
         else:
             manifest_etag = self._committed.manifest_etag
         self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
@@ -300,20 +327,32 @@ class _Computed:
 
 def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Computed:
     """The pure, CPU-bound part of a run (called in a worker thread)."""
-    manifest = mf.merge(listing, state.manifest, results.frame(), state.seed)
-    output = out.derive(manifest)
-    images = manifest[manifest["kind"] == Kind.IMAGE.value]
-    rejected = manifest[manifest["status"] == mf.REJECTED]
-    return _Computed(
+    release_free_heap()  # what the listing and the fetches left behind
+    manifest = mf.merge(listing, state.manifest, results.take_frame(), state.seed)
+    manifest_changed = not manifest.equals(state.manifest)
+    # The output is a function of the manifest: an unchanged one needs no new derivation.
+    output = out.derive(manifest) if manifest_changed or state.full_rebuild else state.previous_output
+    is_image = (manifest["kind"] == Kind.IMAGE.value).to_numpy()
+    rejected = manifest[(manifest["status"] == mf.REJECTED).to_numpy()]
+    computed = _Computed(
         manifest=manifest,
         output=output,
         changes=out.compare(state.previous_output, output),
-        manifest_changed=not manifest.equals(state.manifest),
-        output_changed=not output.equals(state.previous_output),
-        orphan_images=int((~images["user_id"].isin(output["user_id"])).sum()),
+        manifest_changed=manifest_changed,
+        output_changed=output is not state.previous_output and not output.equals(state.previous_output),
+        orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
         rejected=tuple(RejectedFile(k, r) for k, r in zip(rejected["key"], rejected["reason"], strict=True)),
         conflicts=tuple(out.conflicts(manifest)),
     )
+    release_free_heap()  # the temporaries of the merge and the derivation, before the commit's own
+    return computed
+
+
+def _parse_manifest(data: bytes) -> tuple[pd.DataFrame, mf.ManifestHeader]:
+    try:
+        return mf.from_bytes(data)
+    finally:
+        release_free_heap()  # the parser's temporaries
 
 
 def _empty_seed() -> pd.DataFrame:

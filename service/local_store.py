@@ -126,27 +126,27 @@ def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
 
 
 def _sorted_keys(base: Path, prefix: str) -> list[str]:
-    # Plain strings, not Path objects: this runs once per file, a million times for a big bucket.
+    # Plain strings, not Path objects, and one directory entry at a time: this runs once per file, a
+    # million times for a big bucket.
     top = prefix.rpartition("/")[0]
-    start = os.path.join(base, top) if top else str(base)
-    skip = len(str(base)) + 1
+    root = str(base)
     keys: list[str] = []
-    stack = [start]
+    stack = [top + "/" if top else ""]  # key prefixes of the directories to walk
     while stack:
         directory = stack.pop()
         try:
-            entries = list(os.scandir(directory))
+            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(directory + entry.name + "/")
+                    elif entry.is_file(follow_symlinks=False):
+                        key = directory + entry.name
+                        if key.startswith(prefix):
+                            keys.append(key)
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise StorageError(f"cannot list {directory}: {exc.strerror}") from exc
-        for entry in entries:
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(entry.path)
-            elif entry.is_file(follow_symlinks=False):
-                key = entry.path[skip:]
-                if key.startswith(prefix):
-                    keys.append(key)
+            raise StorageError(f"cannot list {os.path.join(root, directory)}: {exc.strerror}") from exc
     keys.sort()
     return keys
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 from .keys import Kind
@@ -33,17 +34,24 @@ def empty_output() -> pd.DataFrame:
 
 def derive(manifest: pd.DataFrame) -> pd.DataFrame:
     """One row per user with a valid CSV (the newest wins), its newest image's key, ordered by user_id."""
-    csvs = _winners(manifest[(manifest["kind"] == Kind.CSV.value) & manifest["has_row"]])
-    images = _winners(manifest[manifest["kind"] == Kind.IMAGE.value])
-    img_path = images.set_index("user_id")["key"]
-    out = csvs[["user_id", "first_name", "last_name", "birthts"]].copy()
-    out["img_path"] = img_path.reindex(out["user_id"].to_numpy()).fillna("").to_numpy()
-    return out.sort_values("user_id", kind="stable").reset_index(drop=True).astype(_DTYPES)
+    kind = manifest["kind"].to_numpy()
+    csvs = _winners(manifest, np.flatnonzero((kind == Kind.CSV.value) & manifest["has_row"].to_numpy()))
+    images = _winners(manifest, np.flatnonzero(kind == Kind.IMAGE.value))
+    user_ids = manifest["user_id"].to_numpy()[csvs]
+    image_at = pd.Index(manifest["user_id"].to_numpy()[images]).get_indexer(user_ids)
+    img_path = np.full(len(csvs), "", dtype=object)
+    img_path[image_at >= 0] = manifest["key"].to_numpy()[images[image_at[image_at >= 0]]]
+    columns = {name: manifest[name].to_numpy()[csvs] for name in ("first_name", "last_name", "birthts")}
+    table = {"user_id": user_ids, **columns, "img_path": img_path}
+    return pd.DataFrame({name: pd.Series(table[name], dtype=_DTYPES[name]) for name in OUTPUT_COLUMNS}, copy=False)
 
 
-def _winners(frame: pd.DataFrame) -> pd.DataFrame:
-    ordered = frame.sort_values(["user_id", "mtime", "key"], kind="stable")
-    return ordered.drop_duplicates("user_id", keep="last")
+def _winners(manifest: pd.DataFrame, rows: np.ndarray) -> np.ndarray:
+    """Of `rows`, the newest one of each user (ties: the greatest key), as positions ordered by user_id."""
+    claims = pd.DataFrame({name: manifest[name].to_numpy()[rows] for name in ("user_id", "mtime", "key")}, copy=False)
+    claims.index = rows
+    ordered = claims.sort_values(["user_id", "mtime", "key"], kind="stable")
+    return ordered.index.to_numpy()[~ordered["user_id"].duplicated(keep="last").to_numpy()]
 
 
 def conflicts(manifest: pd.DataFrame) -> list[Conflict]:
@@ -68,6 +76,8 @@ class Changes:
 
 def compare(old: pd.DataFrame, new: pd.DataFrame) -> Changes:
     """Row-level differences between two outputs, keyed by user_id."""
+    if old is new:
+        return Changes(added=0, updated=0, removed=0, unchanged=len(new))
     old_i, new_i = old.set_index("user_id"), new.set_index("user_id")
     common = old_i.index.intersection(new_i.index)
     columns = OUTPUT_COLUMNS[1:]
