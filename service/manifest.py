@@ -94,7 +94,7 @@ class Diff:
         same = np.zeros(len(frame), dtype=bool)
         same[found] = (self._etags[at[found]] == frame["etag"].to_numpy()[found]) & ~self._refetch[at[found]]
         rows = np.flatnonzero(same)
-        for name in ("key", "user_id"):
+        for name in ("key", "user_id") if len(rows) else ():
             column = frame[name].to_numpy(dtype=object, copy=True)
             column[rows] = self._previous[name].to_numpy()[at[rows]]
             frame[name] = pd.Series(column, index=frame.index, dtype=_STR)
