@@ -53,22 +53,38 @@ def empty(columns: list[str] = COLUMNS) -> pd.DataFrame:
 
 def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, int]:
     """Turn one listing page into listing rows (CSVs and images) and the count of ignored objects."""
-    classified = [classify(info.key) for info in page]
-    keep = [i for i, c in enumerate(classified) if c.kind is not Kind.IGNORED]
-    # A user's CSV and image are usually listed together: let their rows share one user_id string.
-    shared: dict[str, str] = {}
-    user_ids = [shared.setdefault(classified[i].user_id, classified[i].user_id) for i in keep]
+    keys: list[str] = []
+    etags: list[str] = []
+    sizes: list[int] = []
+    mtimes: list[int] = []
+    kinds: list[str] = []
+    user_ids: list[str] = []
+    shared: dict[str, str] = {}  # a user's CSV and image are usually listed together: one user_id string
+    for info in page:
+        kind, user_id = classify(info.key)
+        if kind is Kind.IGNORED:
+            continue
+        keys.append(info.key)
+        etags.append(info.etag)
+        sizes.append(info.size)
+        mtimes.append(int(info.last_modified.timestamp() * 1_000_000) * 1000)
+        kinds.append(_KIND_TEXT[kind])
+        user_ids.append(shared.setdefault(user_id, user_id))
     frame = pd.DataFrame(
         {
-            "key": pd.Series([page[i].key for i in keep], dtype=_STR),
-            "etag": etag_digests([page[i].etag for i in keep]),
-            "size": np.array([page[i].size for i in keep], dtype=np.int64),
-            "mtime": np.array([_ns(page[i]) for i in keep], dtype=np.int64),
-            "kind": pd.Series([classified[i].kind.value for i in keep], dtype=_STR),
+            "key": pd.Series(keys, dtype=_STR),
+            "etag": etag_digests(etags),
+            "size": np.array(sizes, dtype=np.int64),
+            "mtime": np.array(mtimes, dtype=np.int64),
+            "kind": pd.Series(kinds, dtype=_STR),
             "user_id": pd.Series(user_ids, dtype=_STR),
-        }
+        },
+        copy=False,
     )
-    return frame, len(page) - len(keep)
+    return frame, len(page) - len(keys)
+
+
+_KIND_TEXT = {kind: kind.value for kind in Kind}  # plain strings: enum members would leak into the frame
 
 
 class Diff:
@@ -105,10 +121,6 @@ def etag_digests(etags: list[str]) -> np.ndarray:
     """The 64-bit digests of ETags, as int64."""
     digests = b"".join(hashlib.blake2b(etag.encode(errors="surrogatepass"), digest_size=8).digest() for etag in etags)
     return np.frombuffer(digests, dtype="<i8").astype(np.int64)
-
-
-def _ns(info: ObjectInfo) -> int:
-    return int(info.last_modified.timestamp() * 1_000_000) * 1000
 
 
 def merge(listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: pd.DataFrame) -> pd.DataFrame:

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .errors import InvalidKey, ObjectNotFound
 
 
-@dataclass(frozen=True, slots=True)
-class ObjectInfo:
-    """One listed object: enough to decide whether it changed without downloading it."""
+class ObjectInfo(NamedTuple):
+    """One listed object: enough to decide whether it changed without downloading it.
+
+    A named tuple rather than a frozen dataclass: a listing makes one per object, and building a frozen
+    dataclass costs several times more.
+    """
 
     key: str
     etag: str
