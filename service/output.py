@@ -75,18 +75,20 @@ class Changes:
 
 
 def compare(old: pd.DataFrame, new: pd.DataFrame) -> Changes:
-    """Row-level differences between two outputs, keyed by user_id."""
+    """Row-level differences between two outputs, keyed by user_id (unique in each)."""
     if old is new:
         return Changes(added=0, updated=0, removed=0, unchanged=len(new))
-    old_i, new_i = old.set_index("user_id"), new.set_index("user_id")
-    common = old_i.index.intersection(new_i.index)
-    columns = OUTPUT_COLUMNS[1:]
-    same = (old_i.loc[common, columns] == new_i.loc[common, columns]).all(axis=1)
+    at = pd.Index(old["user_id"]).get_indexer(new["user_id"]) if len(old) else np.full(len(new), -1)
+    rows = np.flatnonzero(at >= 0)
+    same = np.ones(len(rows), dtype=bool)
+    for column in OUTPUT_COLUMNS[1:]:  # a column at a time: no copies of whole tables
+        same &= old[column].to_numpy()[at[rows]] == new[column].to_numpy()[rows]
+    unchanged = int(same.sum())
     return Changes(
-        added=len(new_i.index.difference(old_i.index)),
-        updated=int((~same).sum()),
-        removed=len(old_i.index.difference(new_i.index)),
-        unchanged=int(same.sum()),
+        added=len(new) - len(rows),
+        updated=len(rows) - unchanged,
+        removed=len(old) - len(rows),
+        unchanged=unchanged,
     )
 
 

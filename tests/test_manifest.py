@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from service import manifest as mf
-from service.output import derive
+from service.output import OUTPUT_COLUMNS, Changes, compare, derive
 
 
 def listing(*rows: tuple[str, str, str]) -> pd.DataFrame:
@@ -175,3 +175,16 @@ def test_diff_finds_new_changed_and_refetched_objects_and_shares_strings() -> No
     assert reused == fresh_key and reused is previous["key"].iloc[0] and reused is not fresh_key
     assert page["user_id"].iloc[0] is previous["user_id"].iloc[0]
     assert mf.Diff(mf.empty(), np.zeros(0, dtype=bool)).changed(page).all()
+
+
+def test_compare_counts_added_updated_removed_and_unchanged_users() -> None:
+    def table(*rows: tuple[str, str, int, str]) -> pd.DataFrame:
+        frame = pd.DataFrame(rows, columns=["user_id", "first_name", "birthts", "img_path"])
+        return frame.assign(last_name="L")[OUTPUT_COLUMNS].astype({"birthts": "int64"})
+
+    old = table(("1", "A", 1, ""), ("2", "B", 2, "s/2.png"), ("3", "C", 3, ""), ("4", "D", 4, ""))
+    new = table(("1", "A", 1, ""), ("2", "B", 2, ""), ("3", "C", 30, ""), ("5", "E", 5, ""), ("6", "F", 6, ""))
+    assert compare(old, new) == Changes(added=2, updated=2, removed=1, unchanged=1)
+    assert compare(old.iloc[:0], new) == Changes(added=5, updated=0, removed=0, unchanged=0)
+    assert compare(old, old.iloc[:0]) == Changes(added=0, updated=0, removed=4, unchanged=0)
+    assert compare(new, new.copy()) == compare(new, new) == Changes(added=0, updated=0, removed=0, unchanged=5)
