@@ -134,8 +134,9 @@ def _sorted_keys(base: Path, prefix: str) -> list[str]:
     stack = [top + "/" if top else ""]  # key prefixes of the directories to walk
     while stack:
         directory = stack.pop()
+        path = os.path.join(root, directory) if directory else root
         try:
-            with os.scandir(os.path.join(root, directory) if directory else root) as entries:
+            with os.scandir(path) as entries:
                 for entry in entries:
                     if entry.is_dir(follow_symlinks=False):
                         stack.append(directory + entry.name + "/")
@@ -146,7 +147,7 @@ def _sorted_keys(base: Path, prefix: str) -> list[str]:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise StorageError(f"cannot list {os.path.join(root, directory)}: {exc.strerror}") from exc
+            raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
     keys.sort()
     return keys
 

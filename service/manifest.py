@@ -161,11 +161,11 @@ _DEFAULTS: dict[str, object] = {
 }
 
 
-def positions(source: pd.Series, keys: pd.Series) -> np.ndarray:
+def positions(source: pd.Series | pd.Index | np.ndarray, keys: pd.Series | np.ndarray) -> np.ndarray:
     """Where each of `keys` is in `source` (whose values are unique), -1 where it is not."""
-    if not len(source):
+    if not len(source):  # no hash table to build
         return np.full(len(keys), -1, dtype=np.intp)
-    return np.asarray(pd.Index(source).get_indexer(keys), dtype=np.intp)
+    return np.asarray(pd.Index(source).get_indexer(pd.Index(keys)), dtype=np.intp)
 
 
 def _carry_last_valid(
@@ -182,7 +182,7 @@ def _carry_last_valid(
     values["has_row"][rows] = True
     lost[rows] = False
     rows = np.flatnonzero(lost)
-    seed_at = seed.index.get_indexer(pd.Index(user_ids.to_numpy()[rows])) if len(seed) else np.full(len(rows), -1)
+    seed_at = positions(seed.index, user_ids.to_numpy()[rows])
     rows, seed_at = rows[seed_at >= 0], seed_at[seed_at >= 0]
     for column in VALUE_COLUMNS:
         values[column][rows] = seed[column].to_numpy()[seed_at]
@@ -215,10 +215,10 @@ def from_bytes(data: bytes) -> tuple[pd.DataFrame, ManifestHeader]:
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data), mode="rb") as stream:
             meta = json.loads(stream.readline())
-            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-                raise ManifestError(
-                    f"manifest format {meta.get('format') if isinstance(meta, dict) else None!r}, expected {FORMAT}"
-                )
+            if not isinstance(meta, dict):
+                raise ManifestError("manifest header is not a JSON object")
+            if meta.get("format") != FORMAT:
+                raise ManifestError(f"manifest format {meta.get('format')!r}, expected {FORMAT}")
             header = ManifestHeader(version=int(meta["version"]), output_etag=str(meta["output_etag"]))
             frame = pd.read_csv(stream, dtype=DTYPES, keep_default_na=False, na_filter=False)
     except (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error, pd.errors.ParserError) as exc:

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 
 from .keys import Kind
+from .manifest import positions
 
 OUTPUT_COLUMNS = ["user_id", "first_name", "last_name", "birthts", "img_path"]
 _DTYPES = {"user_id": "str", "first_name": "str", "last_name": "str", "birthts": "int64", "img_path": "str"}
@@ -38,7 +39,7 @@ def derive(manifest: pd.DataFrame) -> pd.DataFrame:
     csvs = _winners(manifest, np.flatnonzero((kind == Kind.CSV.value) & manifest["has_row"].to_numpy()))
     images = _winners(manifest, np.flatnonzero(kind == Kind.IMAGE.value))
     user_ids = manifest["user_id"].to_numpy()[csvs]
-    image_at = pd.Index(manifest["user_id"].to_numpy()[images]).get_indexer(user_ids)
+    image_at = positions(manifest["user_id"].to_numpy()[images], user_ids)
     img_path = np.full(len(csvs), "", dtype=object)
     img_path[image_at >= 0] = manifest["key"].to_numpy()[images[image_at[image_at >= 0]]]
     columns = {name: manifest[name].to_numpy()[csvs] for name in ("first_name", "last_name", "birthts")}
@@ -78,7 +79,7 @@ def compare(old: pd.DataFrame, new: pd.DataFrame) -> Changes:
     """Row-level differences between two outputs, keyed by user_id (unique in each)."""
     if old is new:
         return Changes(added=0, updated=0, removed=0, unchanged=len(new))
-    at = pd.Index(old["user_id"]).get_indexer(new["user_id"]) if len(old) else np.full(len(new), -1)
+    at = positions(old["user_id"], new["user_id"])
     rows = np.flatnonzero(at >= 0)
     same = np.ones(len(rows), dtype=bool)
     for column in OUTPUT_COLUMNS[1:]:  # a column at a time: no copies of whole tables
