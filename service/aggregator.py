@@ -19,7 +19,7 @@ from .keys import Kind
 from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
 from .report import Outcome, RejectedFile, RunReport
-from .storage import ObjectStore
+from .storage import ObjectInfo, ObjectStore
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +54,14 @@ class _Committed:
 
 @dataclass
 class _State:
+    """What a run starts from: the last commit's manifest, or (without one) the stored output as a seed."""
+
     manifest: pd.DataFrame
     header: mf.ManifestHeader | None
     previous_output: pd.DataFrame
-    seed: pd.DataFrame
+    seed: mf.Seed | None
     full_rebuild: bool
+    output_in_step: bool  # the stored output is the one the manifest vouches for
     warnings: list[str] = field(default_factory=list)
 
 
@@ -133,8 +136,9 @@ class Aggregator:
     ) -> RunResult:
         """One run; raises `StorageError` when the store fails (the previous commit stays intact)."""
         started = self._clock()
-        state = await self._load_state()
-        listing, ignored, results = await self._scan(state.manifest, progress)
+        now_ms = _ms(started)
+        state = await self._load_state(now_ms)
+        listing, ignored, results = await self._scan(state.manifest, now_ms, progress)
         listed, fetched = len(listing) + ignored, len(results)  # before _compute takes the results
         computed = await asyncio.to_thread(_compute, listing, state, results)
         del listing, results  # at a million users these are hundreds of MiB: not needed for the commit
@@ -165,42 +169,57 @@ class Aggregator:
         return RunResult(report=report, table=output)
 
     async def load_committed(self) -> tuple[pd.DataFrame, int] | None:
-        """The stored output and its version (0 when no manifest vouches for it); None when there is none."""
+        """The committed table and its version (0 when no manifest vouches for it); None when there is none.
+
+        The manifest is the record of the commit: when it is readable, the table is derived from it,
+        whatever happened to the stored output since.
+        """
+        now_ms = _ms(self._clock())
+        manifest, header = await self._read_manifest([], now_ms)
+        if manifest is not None and header is not None:
+            cached = self._committed
+            return (cached.output if cached else out.derive(manifest)), header.version
         try:
             data = await self._store.get(self.output_key)
-            table = await asyncio.to_thread(out.from_csv_bytes, data)
+            table, dropped = await asyncio.to_thread(out.from_csv_bytes, data, now_ms)
         except ObjectNotFound:
             return None
         except out.OutputError as exc:
             logger.warning("not serving %s until the next run replaces it: %s", self.output_key, exc)
             return None
-        _, header = await self._read_manifest([])
-        return table, header.version if header is not None else 0
+        if dropped:
+            logger.warning("not serving %d rows of %s that break the input rules", dropped, self.output_key)
+        return table, 0
 
-    async def _load_state(self) -> _State:
+    async def _load_state(self, now_ms: int) -> _State:
         warnings: list[str] = []
-        manifest, header = await self._read_manifest(warnings)
+        manifest, header = await self._read_manifest(warnings, now_ms)
         try:
-            output_etag: str | None = (await self._store.stat(self.output_key)).etag
+            output: ObjectInfo | None = await self._store.stat(self.output_key)
         except ObjectNotFound:
-            output_etag = None
-        if manifest is not None and header is not None and output_etag == header.output_etag:
+            output = None
+        if manifest is not None and header is not None:
+            in_step = output is not None and output.etag == header.output_etag
+            if not in_step:
+                warnings.append(
+                    f"{self.output_key} does not match the manifest (edited, deleted, or a run stopped "
+                    "between its writes): it is derived again from the manifest"
+                )
+            _log_all(warnings)
             cached = self._committed
             previous = cached.output if cached and cached.header == header else out.derive(manifest)
-            return _State(manifest, header, previous, _empty_seed(), full_rebuild=False)
-        if manifest is not None:
-            warnings.append(
-                f"{self.output_key} does not match the manifest (edited, deleted, or a run "
-                "stopped between its writes): rebuilding from scratch"
-            )
-        elif output_etag is not None and not warnings:
+            return _State(manifest, header, previous, None, full_rebuild=False, output_in_step=in_step,
+                          warnings=warnings)  # fmt: skip
+        if output is not None and not warnings:
             warnings.append(f"no manifest beside {self.output_key}: rebuilding from scratch")
-        seed = await self._read_seed(warnings) if output_etag is not None else out.empty_output()
-        for warning in warnings:
-            logger.warning("%s", warning)
-        return _State(mf.empty(), header, seed, seed.set_index("user_id"), full_rebuild=True, warnings=warnings)
+        seed = await self._read_seed(output, warnings, now_ms) if output is not None else None
+        _log_all(warnings)
+        previous = seed.rows.reset_index() if seed is not None else out.empty_output()
+        return _State(mf.empty(), header, previous, seed, full_rebuild=True, output_in_step=False, warnings=warnings)
 
-    async def _read_manifest(self, warnings: list[str]) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
+    async def _read_manifest(
+        self, warnings: list[str], now_ms: int
+    ) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
         try:
             etag = (await self._store.stat(self.manifest_key)).etag
         except ObjectNotFound:
@@ -210,23 +229,29 @@ class Aggregator:
             return cached.manifest, cached.header
         data = await self._store.get(self.manifest_key)
         try:
-            manifest, header = await asyncio.to_thread(_parse_manifest, data)
+            manifest, header = await asyncio.to_thread(_parse_manifest, data, now_ms)
         except mf.ManifestError as exc:
             warnings.append(f"manifest {self.manifest_key} is unusable ({exc}): rebuilding from scratch")
             return None, None
         self._committed = _Committed(etag, manifest, header, out.derive(manifest))
         return manifest, header
 
-    async def _read_seed(self, warnings: list[str]) -> pd.DataFrame:
-        """Rows of the existing output, so users whose file is now invalid keep their last valid row."""
+    async def _read_seed(self, output: ObjectInfo, warnings: list[str], now_ms: int) -> mf.Seed | None:
+        """The stored output's rows: the only record of last valid rows when the manifest is lost."""
         try:
-            return await asyncio.to_thread(out.from_csv_bytes, await self._store.get(self.output_key))
+            data = await self._store.get(self.output_key)
+            table, dropped = await asyncio.to_thread(out.from_csv_bytes, data, now_ms)
+        except ObjectNotFound:
+            return None
         except out.OutputError as exc:
             warnings.append(f"{self.output_key} is unreadable ({exc}): it will be replaced")
-            return out.empty_output()
+            return None
+        if dropped:
+            warnings.append(f"{dropped} rows of {self.output_key} break the input rules: not kept")
+        return mf.Seed(rows=table.set_index("user_id"), written=mf.mtime_ns(output.last_modified))
 
     async def _scan(
-        self, previous: pd.DataFrame, progress: ProgressCallback | None
+        self, previous: pd.DataFrame, now_ms: int, progress: ProgressCallback | None
     ) -> tuple[pd.DataFrame, int, _Results]:
         """List the prefix; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
         # A file rejected only for a future birthts may become valid with time: fetch it again.
@@ -235,7 +260,6 @@ class Aggregator:
         results = _Results()
         pages: list[pd.DataFrame] = []
         counts = {"listed": 0, "ignored": 0, "to_fetch": 0}
-        now_ms = int(self._clock().timestamp() * 1000)
 
         def report_progress() -> None:
             if progress is not None:
@@ -292,7 +316,7 @@ class Aggregator:
         Returns the output version and whether the output was written.
         """
         header = state.header
-        if header is not None and not state.full_rebuild and not computed.output_changed:
+        if header is not None and state.output_in_step and not computed.output_changed:
             version, output_etag, written = header.version, header.output_etag, False
         else:
             version = (header.version if header else 0) + 1
@@ -328,7 +352,8 @@ class _Computed:
 def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Computed:
     """The pure, CPU-bound part of a run (called in a worker thread)."""
     release_free_heap()  # what the listing and the fetches left behind
-    manifest = mf.merge(listing, state.manifest, results.take_frame(), state.seed)
+    fresh = results.take_frame()
+    manifest = mf.merge(listing, state.manifest, fresh, state.seed)
     manifest_changed = not manifest.equals(state.manifest)
     # The output is a function of the manifest: an unchanged one needs no new derivation.
     output = out.derive(manifest) if manifest_changed or state.full_rebuild else state.previous_output
@@ -339,7 +364,8 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
         output=output,
         changes=out.compare(state.previous_output, output),
         manifest_changed=manifest_changed,
-        output_changed=output is not state.previous_output and not output.equals(state.previous_output),
+        output_changed=(output is not state.previous_output and not output.equals(state.previous_output))
+        or _newly_carried(manifest, fresh),
         orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
         rejected=tuple(RejectedFile(k, r) for k, r in zip(rejected["key"], rejected["reason"], strict=True)),
         conflicts=tuple(out.conflicts(manifest)),
@@ -348,15 +374,35 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
     return computed
 
 
-def _parse_manifest(data: bytes) -> tuple[pd.DataFrame, mf.ManifestHeader]:
+def _newly_carried(manifest: pd.DataFrame, fresh: pd.DataFrame) -> bool:
+    """Whether a CSV fetched in this run is rejected but keeps its last valid values.
+
+    The output is then written even if its bytes do not change, so that it is newer than every file
+    whose last valid values it holds: without a manifest, that is how a rebuild tells which files
+    can have given the output's rows (see `manifest.Seed`).
+    """
+    rejected = fresh["key"][(fresh["status"] == mf.REJECTED).to_numpy()]
+    if not len(rejected):
+        return False
+    at = mf.positions(manifest["key"], rejected.to_numpy())
+    at = at[at >= 0]
+    return bool(manifest["has_row"].to_numpy()[at].any())
+
+
+def _parse_manifest(data: bytes, now_ms: int) -> tuple[pd.DataFrame, mf.ManifestHeader]:
     try:
-        return mf.from_bytes(data)
+        return mf.from_bytes(data, now_ms)
     finally:
         release_free_heap()  # the parser's temporaries
 
 
-def _empty_seed() -> pd.DataFrame:
-    return out.empty_output().set_index("user_id")
+def _ms(moment: datetime) -> int:
+    return int(moment.timestamp() * 1000)
+
+
+def _log_all(warnings: list[str]) -> None:
+    for warning in warnings:
+        logger.warning("%s", warning)
 
 
 async def _run_all(coroutines: list[Coroutine[object, object, None]]) -> None:

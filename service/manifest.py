@@ -11,14 +11,15 @@ import gzip
 import hashlib
 import io
 import json
-import zlib
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .keys import Kind, classify
+from .parsing import valid_values
 from .storage import ObjectInfo
 
 FORMAT = 2  # 2: gzip-compressed
@@ -37,6 +38,19 @@ VALUE_COLUMNS = ["first_name", "last_name", "birthts"]
 
 class ManifestError(ValueError):
     """The stored manifest cannot be used (unreadable, another format, inconsistent)."""
+
+
+@dataclass(frozen=True)
+class Seed:
+    """The stored output, when there is no manifest: the only record left of last valid rows.
+
+    It records values per user, not per file, so a rebuild gives a user's row to the one file it can
+    have come from (`_attribute_seed`). `written` is the output's last-modified time (ns): a file
+    modified later cannot have given the output its values.
+    """
+
+    rows: pd.DataFrame  # the output's rows, indexed by user_id
+    written: int
 
 
 @dataclass(frozen=True)
@@ -67,7 +81,7 @@ def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, int]:
         keys.append(info.key)
         etags.append(info.etag)
         sizes.append(info.size)
-        mtimes.append(int(info.last_modified.timestamp() * 1_000_000) * 1000)
+        mtimes.append(mtime_ns(info.last_modified))
         kinds.append(_KIND_TEXT[kind])
         user_ids.append(shared.setdefault(user_id, user_id))
     frame = pd.DataFrame(
@@ -82,6 +96,11 @@ def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, int]:
         copy=False,
     )
     return frame, len(page) - len(keys)
+
+
+def mtime_ns(moment: datetime) -> int:
+    """A last-modified time as the manifest keeps it: integer nanoseconds, at microsecond resolution."""
+    return int(moment.timestamp() * 1_000_000) * 1000
 
 
 _KIND_TEXT = {kind: kind.value for kind in Kind}  # plain strings: enum members would leak into the frame
@@ -123,11 +142,15 @@ def etag_digests(etags: list[str]) -> np.ndarray:
     return np.frombuffer(digests, dtype="<i8").astype(np.int64)
 
 
-def merge(listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: pd.DataFrame) -> pd.DataFrame:
+def merge(
+    listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, seed: Seed | None = None
+) -> pd.DataFrame:
     """The new manifest: listed objects, with fresh results for fetched CSVs and earlier ones otherwise.
 
-    A CSV rejected now keeps the last valid values it had (from `previous`, else from `seed`, the rows
-    of an earlier output indexed by user_id), so a bad upload never loses a user's row.
+    The rule for last valid values: they belong to the file that had them and go when it goes. A CSV
+    rejected now keeps the values it had when it was last valid (from `previous`). Without a previous
+    manifest, `seed` (the stored output) is the only record, and `_attribute_seed` decides which file
+    its rows belong to.
 
     Built column by column from row positions, never from whole-frame joins: at a million objects each
     copy of the frame costs about 100 MiB.
@@ -143,7 +166,9 @@ def merge(listing: pd.DataFrame, previous: pd.DataFrame, results: pd.DataFrame, 
         column[use_prev] = previous[name].to_numpy()[prev_at[use_prev]]
         column[use_fresh] = results[name].to_numpy()[fresh_at[use_fresh]]
         values[name] = column
-    _carry_last_valid(values, listing["user_id"], previous, prev_at, seed)
+    _carry_last_valid(values, previous, prev_at)
+    if seed is not None and len(seed.rows):
+        _attribute_seed(values, listing, seed)
     merged = {name: listing[name] for name in LISTING_COLUMNS}
     merged.update(
         {name: pd.Series(values.pop(name), index=listing.index, dtype=DTYPES[name]) for name in RESULT_COLUMNS}
@@ -168,24 +193,51 @@ def positions(source: pd.Series | pd.Index | np.ndarray, keys: pd.Series | np.nd
     return np.asarray(pd.Index(source).get_indexer(pd.Index(keys)), dtype=np.intp)
 
 
-def _carry_last_valid(
-    values: dict[str, np.ndarray], user_ids: pd.Series, prev: pd.DataFrame, prev_at: np.ndarray, seed: pd.DataFrame
-) -> None:
+def _carry_last_valid(values: dict[str, np.ndarray], prev: pd.DataFrame, prev_at: np.ndarray) -> None:
     """Give CSVs that are rejected now the values they had when last valid (in place)."""
-    lost = (values["status"] == REJECTED) & ~values["has_row"]
-    if not lost.any():
-        return
-    known = lost & (prev_at >= 0)
-    rows = np.flatnonzero(known)[prev["has_row"].to_numpy()[prev_at[known]]]
+    lost = (values["status"] == REJECTED) & ~values["has_row"] & (prev_at >= 0)
+    rows = np.flatnonzero(lost)
+    rows = rows[prev["has_row"].to_numpy()[prev_at[rows]]]
     for column in VALUE_COLUMNS:
         values[column][rows] = prev[column].to_numpy()[prev_at[rows]]
     values["has_row"][rows] = True
-    lost[rows] = False
-    rows = np.flatnonzero(lost)
-    seed_at = positions(seed.index, user_ids.to_numpy()[rows])
-    rows, seed_at = rows[seed_at >= 0], seed_at[seed_at >= 0]
+
+
+_SECOND = 1_000_000_000  # ns
+
+
+def _attribute_seed(values: dict[str, np.ndarray], listing: pd.DataFrame, seed: Seed) -> None:
+    """Give each user's row of the stored output to the rejected CSV it can have come from (in place).
+
+    Only CSVs not modified since the output was written (to the second) can have given it values. If one of the
+    user's valid CSVs among them holds exactly the row's values, the row is its own and no rejected
+    file gets it. Otherwise the row was the last valid content of a file rejected now: the newest
+    such file gets it, as the newest file with content is the one whose values the output shows.
+    """
+    # At the resolution every store gives (S3's Last-Modified header has whole seconds): a file from
+    # the same second as the output may have given it values.
+    older = listing["mtime"].to_numpy() // _SECOND <= seed.written // _SECOND
+    csv = (listing["kind"] == Kind.CSV.value).to_numpy() & older
+    user_ids = listing["user_id"].to_numpy()
+    seed_at = np.full(len(listing), -1, dtype=np.intp)
+    seed_at[csv] = positions(seed.rows.index, user_ids[csv])
+    known = np.flatnonzero(seed_at >= 0)
+    valid = known[values["has_row"][known]]
+    same = np.ones(len(valid), dtype=bool)
     for column in VALUE_COLUMNS:
-        values[column][rows] = seed[column].to_numpy()[seed_at]
+        same &= values[column][valid] == seed.rows[column].to_numpy()[seed_at[valid]]
+    explained = pd.Index(user_ids[valid[same]]).unique()
+    candidates = known[(values["status"][known] == REJECTED) & ~values["has_row"][known]]
+    candidates = candidates[~pd.Index(user_ids[candidates]).isin(explained)]
+    claims = pd.DataFrame(
+        {"user_id": user_ids[candidates], "mtime": listing["mtime"].to_numpy()[candidates],
+         "key": listing["key"].to_numpy()[candidates]},
+        index=candidates,
+    )  # fmt: skip
+    ordered = claims.sort_values(["user_id", "mtime", "key"], kind="stable")
+    rows = ordered.index.to_numpy()[~ordered["user_id"].duplicated(keep="last").to_numpy()]
+    for column in VALUE_COLUMNS:
+        values[column][rows] = seed.rows[column].to_numpy()[seed_at[rows]]
     values["has_row"][rows] = True
 
 
@@ -208,8 +260,12 @@ def to_bytes(manifest: pd.DataFrame, header: ManifestHeader) -> bytes:
 _SLICE_ROWS = 50_000
 
 
-def from_bytes(data: bytes) -> tuple[pd.DataFrame, ManifestHeader]:
-    """Parse a stored manifest; `ManifestError` when it cannot be trusted."""
+def from_bytes(data: bytes, now_ms: int) -> tuple[pd.DataFrame, ManifestHeader]:
+    """Parse a stored manifest; `ManifestError` when it cannot be trusted.
+
+    Any failure to read it makes it unusable, and so does a row whose values a source file could not
+    have given: what a state file says is checked like a source file.
+    """
     if not data.startswith(_GZIP_MAGIC):
         raise ManifestError("not a compressed manifest (an older format, or damaged)")
     try:
@@ -221,13 +277,27 @@ def from_bytes(data: bytes) -> tuple[pd.DataFrame, ManifestHeader]:
                 raise ManifestError(f"manifest format {meta.get('format')!r}, expected {FORMAT}")
             header = ManifestHeader(version=int(meta["version"]), output_etag=str(meta["output_etag"]))
             frame = pd.read_csv(stream, dtype=DTYPES, keep_default_na=False, na_filter=False)
-    except (ValueError, KeyError, TypeError, OSError, EOFError, zlib.error, pd.errors.ParserError) as exc:
-        raise ManifestError(f"unreadable manifest: {exc}") from exc
+    except ManifestError:
+        raise
+    except Exception as exc:  # OverflowError, zlib.error, EOFError, ParserError, ...: all mean "unusable"
+        raise ManifestError(f"unreadable manifest: {type(exc).__name__}: {str(exc)[:200]}") from exc
     if list(frame.columns) != COLUMNS or frame["key"].duplicated().any():
         raise ManifestError("manifest columns or keys are inconsistent")
+    _check_rows(frame, now_ms)
     for name in ("kind", "status", "reason", "user_id"):
         frame[name] = _shared(frame[name])
     return frame, header
+
+
+def _check_rows(frame: pd.DataFrame, now_ms: int) -> None:
+    kinds = frame["kind"].to_numpy()
+    if not np.isin(kinds, [Kind.CSV.value, Kind.IMAGE.value]).all():
+        raise ManifestError("manifest has rows of an unknown kind")
+    if not np.isin(frame["status"].to_numpy(), ["", OK, REJECTED]).all():
+        raise ManifestError("manifest has rows of an unknown status")
+    content = frame[frame["has_row"].to_numpy() & (kinds == Kind.CSV.value)]
+    if not valid_values(content["first_name"], content["last_name"], content["birthts"], now_ms).all():
+        raise ManifestError("manifest has values no valid file could hold")
 
 
 def _shared(column: pd.Series) -> pd.Series:

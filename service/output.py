@@ -10,6 +10,7 @@ import pandas as pd
 
 from .keys import Kind
 from .manifest import positions
+from .parsing import valid_values
 
 OUTPUT_COLUMNS = ["user_id", "first_name", "last_name", "birthts", "img_path"]
 _DTYPES = {"user_id": "str", "first_name": "str", "last_name": "str", "birthts": "int64", "img_path": "str"}
@@ -99,17 +100,30 @@ def to_csv_bytes(table: pd.DataFrame) -> bytes:
     return buffer.getvalue()
 
 
-def from_csv_bytes(data: bytes) -> pd.DataFrame:
-    """Parse a stored output.csv; `OutputError` when its header or values are not as written."""
+def from_csv_bytes(data: bytes, now_ms: int) -> tuple[pd.DataFrame, int]:
+    """Parse a stored output.csv: its rows that pass the input rules, and how many did not.
+
+    `OutputError` when the file as a whole cannot be read (header, format, a value out of any range).
+    A row that breaks a rule a source file is held to (an empty name, a birthts before 1800 or in the
+    future) is dropped: values from a state file are trusted no more than values from a source file.
+    """
     first_line = data.partition(b"\n")[0].rstrip(b"\r")
     if first_line != ",".join(OUTPUT_COLUMNS).encode():
         raise OutputError(f"unexpected output header {first_line[:200]!r}")
     try:
         table = pd.read_csv(io.BytesIO(data), dtype=_DTYPES, keep_default_na=False, na_filter=False)
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise OutputError(f"unreadable output: {exc}") from exc
+    except Exception as exc:  # any failure to read a state file makes it unusable (OverflowError too)
+        raise OutputError(f"unreadable output: {type(exc).__name__}: {str(exc)[:200]}") from exc
+    if list(table.columns) != OUTPUT_COLUMNS:
+        raise OutputError("output rows do not match its header")
     if table["user_id"].duplicated().any():
         raise OutputError("output has duplicate user_id rows")
+    valid = (table["user_id"] != "").to_numpy() & valid_values(
+        table["first_name"], table["last_name"], table["birthts"], now_ms
+    )
+    dropped = int((~valid).sum())
+    if dropped:
+        table = table[valid].reset_index(drop=True)
     if not table["user_id"].is_monotonic_increasing:  # edited by hand: restore the contract's order
         table = table.sort_values("user_id", kind="stable", ignore_index=True)
-    return table
+    return table, dropped

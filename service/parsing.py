@@ -7,6 +7,9 @@ import io
 import re
 from dataclasses import dataclass
 
+import numpy as np
+import numpy.typing as npt
+
 MAX_CSV_BYTES = 1024 * 1024
 REQUIRED_COLUMNS = ("first_name", "last_name", "birthts")
 # Earliest accepted birth date, 1800-01-01T00:00:00Z: older values are typos, not people.
@@ -88,3 +91,20 @@ def _birthts(value: str, now_ms: int) -> int:
     if birthts < MIN_BIRTHTS:
         raise Rejected(f"birthts {birthts} is before 1800-01-01")
     return birthts
+
+
+def valid_values(
+    first_names: npt.ArrayLike, last_names: npt.ArrayLike, birthts: npt.ArrayLike, now_ms: int
+) -> npt.NDArray[np.bool_]:
+    """Which (first_name, last_name, birthts) values a valid file could hold, vectorised.
+
+    Values read back from a state file (the output, the manifest) pass this before they are used.
+    """
+    births = np.asarray(birthts, dtype=np.int64)
+    valid: npt.NDArray[np.bool_] = (
+        (np.asarray(first_names, dtype=object) != "")
+        & (np.asarray(last_names, dtype=object) != "")
+        & (births >= MIN_BIRTHTS)
+        & (births <= now_ms)
+    )
+    return valid

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from service import manifest as mf
-from service.output import OUTPUT_COLUMNS, Changes, compare, derive
+from service.output import OUTPUT_COLUMNS, Changes, compare, conflicts, derive
 
 
 def listing(*rows: tuple[str, str, str]) -> pd.DataFrame:
@@ -19,7 +19,7 @@ def listing(*rows: tuple[str, str, str]) -> pd.DataFrame:
             "key": [k for k, _, _ in rows],
             "etag": mf.etag_digests([e for _, e, _ in rows]),
             "size": 10,
-            "mtime": list(range(len(rows))),
+            "mtime": [i * 1_000_000_000 for i in range(len(rows))],  # a second apart
             "kind": [kind for _, _, kind in rows],
             "user_id": [k.rpartition("/")[2].rpartition(".")[0] for k, _, _ in rows],
         }
@@ -42,7 +42,8 @@ def results(*rows: tuple[str, str, tuple[str, str, int] | None]) -> pd.DataFrame
     return frame.astype({c: mf.DTYPES[c] for c in ["key", *mf.RESULT_COLUMNS]})
 
 
-NO_SEED = pd.DataFrame({"first_name": [], "last_name": [], "birthts": []}, index=pd.Index([], name="user_id"))
+NO_SEED = None
+NOW = 1_800_000_000_000  # ms: every test value is before it
 
 
 def test_first_merge_fetched_csvs_and_new_images() -> None:
@@ -84,20 +85,62 @@ def test_a_rejected_csv_keeps_its_last_valid_values_and_unchanged_rows_carry_ove
     assert second["birthts"].dtype == "int64"
 
 
-def test_the_seed_gives_rejected_csvs_the_rows_of_an_earlier_output() -> None:
-    seed = pd.DataFrame(
-        {"first_name": ["Old"], "last_name": ["Row"], "birthts": pd.array([9], dtype="int64")},
-        index=pd.Index(["1"], name="user_id"),
+def seed(written: int, **rows: tuple[str, str, int]) -> mf.Seed:
+    """A stored output's rows (user_id=(first, last, birthts)), written `written` seconds after the first file."""
+    frame = pd.DataFrame(
+        {
+            "first_name": [v[0] for v in rows.values()],
+            "last_name": [v[1] for v in rows.values()],
+            "birthts": pd.array([v[2] for v in rows.values()], dtype="int64"),
+        },
+        index=pd.Index(list(rows), name="user_id"),
     )
+    return mf.Seed(rows=frame, written=written * 1_000_000_000)
+
+
+def test_the_seed_gives_a_users_row_to_the_newest_rejected_csv_older_than_the_output() -> None:
     merged = mf.merge(
-        listing(("s/1.csv", "a", "csv"), ("s/2.csv", "b", "csv")),
+        listing(("a/1.csv", "a", "csv"), ("b/1.csv", "b", "csv"), ("s/2.csv", "c", "csv")),
         mf.empty(),
-        results(("s/1.csv", "bad", None), ("s/2.csv", "bad", None)),
-        seed,
+        results(("a/1.csv", "bad", None), ("b/1.csv", "bad", None), ("s/2.csv", "bad", None)),
+        seed(5, **{"1": ("Old", "Row", 9)}),
     )
     rows = merged.set_index("key")
-    assert rows.loc["s/1.csv", ["has_row", "first_name", "birthts"]].tolist() == [True, "Old", 9]
-    assert not rows.loc["s/2.csv", "has_row"]
+    assert rows.loc["b/1.csv", ["has_row", "first_name", "birthts"]].tolist() == [True, "Old", 9]
+    assert not rows.loc["a/1.csv", "has_row"]  # one file at most gets a row
+    assert not rows.loc["s/2.csv", "has_row"]  # no row of its user in the output
+
+
+def test_the_seed_is_not_given_to_a_file_modified_after_the_output() -> None:
+    # a/1.csv was valid, then deleted; b/1.csv was added later with garbage: it never had content.
+    merged = mf.merge(
+        listing(("s/0.csv", "z", "csv"), ("b/1.csv", "b", "csv")),
+        mf.empty(),
+        results(("s/0.csv", "", ("Z", "Z", 0)), ("b/1.csv", "bad", None)),
+        seed(0, **{"1": ("Old", "Row", 9)}),
+    )
+    assert derive(merged)["user_id"].tolist() == ["0"]
+
+
+def test_the_seed_row_belongs_to_a_valid_file_that_holds_its_values() -> None:
+    # Older a/5.csv is valid and gave the output its row; newer b/5.csv was never valid.
+    merged = mf.merge(
+        listing(("a/5.csv", "a", "csv"), ("b/5.csv", "b", "csv")),
+        mf.empty(),
+        results(("a/5.csv", "", ("Al", "Ba", 3)), ("b/5.csv", "bad", None)),
+        seed(9, **{"5": ("Al", "Ba", 3)}),
+    )
+    rows = merged.set_index("key")
+    assert not rows.loc["b/5.csv", "has_row"]
+    assert [c.winner for c in conflicts(merged)] == ["a/5.csv"]
+    # The valid file differs from the row: the row was the newer rejected file's last valid content.
+    merged = mf.merge(
+        listing(("a/5.csv", "a", "csv"), ("b/5.csv", "b", "csv")),
+        mf.empty(),
+        results(("a/5.csv", "", ("New", "Ba", 3)), ("b/5.csv", "bad", None)),
+        seed(9, **{"5": ("Al", "Ba", 3)}),
+    )
+    assert merged.set_index("key").loc["b/5.csv", ["has_row", "first_name"]].tolist() == [True, "Al"]
 
 
 @pytest.mark.parametrize("name", ["NA", "null", "NaN", "None", "a,b", 'q"uote', "new\nline", "  spaced  ", "ünï"])
@@ -105,7 +148,7 @@ def test_serialization_round_trips_awkward_strings(name: str) -> None:
     merged = mf.merge(
         listing((f"s/{name}.csv", "e", "csv")), mf.empty(), results((f"s/{name}.csv", "", (name, name, 1))), NO_SEED
     )
-    frame, header = mf.from_bytes(mf.to_bytes(merged, mf.ManifestHeader(3, "etag-x")))
+    frame, header = mf.from_bytes(mf.to_bytes(merged, mf.ManifestHeader(3, "etag-x")), NOW)
     assert header == mf.ManifestHeader(3, "etag-x")
     pd.testing.assert_frame_equal(frame, merged)
 
@@ -135,7 +178,28 @@ VALID = mf.to_bytes(mf.empty(), mf.ManifestHeader(1, "x"))
 )
 def test_unusable_manifests_are_refused(data: bytes) -> None:
     with pytest.raises(mf.ManifestError):
-        mf.from_bytes(data)
+        mf.from_bytes(data, NOW)
+
+
+@pytest.mark.parametrize(
+    ("values", "problem"),
+    [
+        (("A", "B", 10**19 - 1), "values no valid file could hold"),  # after NOW
+        (("A", "B", -9_000_000_000_000_000_000), "values no valid file could hold"),
+        (("", "B", 1), "values no valid file could hold"),
+    ],
+)
+def test_manifest_rows_pass_the_checks_a_source_file_passes(values: tuple[str, str, int], problem: str) -> None:
+    merged = mf.merge(listing(("s/1.csv", "e", "csv")), mf.empty(), results(("s/1.csv", "", values)))
+    with pytest.raises(mf.ManifestError, match=problem):
+        mf.from_bytes(mf.to_bytes(merged, mf.ManifestHeader(1, "x")), NOW)
+
+
+def test_a_manifest_value_out_of_any_integer_range_makes_it_unusable() -> None:
+    merged = mf.merge(listing(("s/1.csv", "e", "csv")), mf.empty(), results(("s/1.csv", "", ("A", "B", 1))))
+    text = gzip.decompress(mf.to_bytes(merged, mf.ManifestHeader(1, "x")))
+    with pytest.raises(mf.ManifestError, match="OverflowError"):
+        mf.from_bytes(gz(text.replace(b",A,B,1", b",A,B,99999999999999999999")), NOW)
 
 
 def test_serialization_in_slices_round_trips_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -146,7 +210,7 @@ def test_serialization_in_slices_round_trips_every_row(monkeypatch: pytest.Monke
     )
     data = mf.to_bytes(merged, mf.ManifestHeader(2, "etag-y"))
     assert gzip.decompress(data).count(b"key,etag") == 1
-    frame, _ = mf.from_bytes(data)
+    frame, _ = mf.from_bytes(data, NOW)
     pd.testing.assert_frame_equal(frame, merged)
     assert mf.to_bytes(merged, mf.ManifestHeader(2, "etag-y")) == data  # deterministic: no timestamp inside
 
