@@ -18,7 +18,7 @@ from .errors import InvalidKey, ObjectNotFound
 from .keys import Kind
 from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
-from .report import Outcome, RejectedFile, RunReport
+from .report import Outcome, RejectedFiles, RunReport
 from .storage import ObjectInfo, ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ ProgressCallback = Callable[[Progress], None]
 class RunResult:
     report: RunReport
     table: pd.DataFrame  # the committed output, for the snapshot
+    rejected: RejectedFiles  # all of them, for the snapshot (the report names only a sample)
 
 
 @dataclass
@@ -162,11 +163,12 @@ class Aggregator:
             output_version=version,
             output_written=written,
             full_rebuild=state.full_rebuild,
-            rejected=computed.rejected,
+            rejected_count=len(computed.rejected),
+            rejected=computed.rejected.sample(),
             conflicts=computed.conflicts,
             warnings=tuple(state.warnings),
         )
-        return RunResult(report=report, table=output)
+        return RunResult(report=report, table=output, rejected=computed.rejected)
 
     async def load_committed(self) -> tuple[pd.DataFrame, int] | None:
         """The committed table and its version (0 when no manifest vouches for it); None when there is none.
@@ -342,7 +344,7 @@ class _Computed:
     manifest_changed: bool
     output_changed: bool
     orphan_images: int
-    rejected: tuple[RejectedFile, ...]
+    rejected: RejectedFiles
     conflicts: tuple[out.Conflict, ...]
 
     def output_bytes(self) -> bytes:
@@ -367,7 +369,7 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
         output_changed=(output is not state.previous_output and not output.equals(state.previous_output))
         or _newly_carried(manifest, fresh),
         orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
-        rejected=tuple(RejectedFile(k, r) for k, r in zip(rejected["key"], rejected["reason"], strict=True)),
+        rejected=RejectedFiles.of(rejected["key"], rejected["reason"]),
         conflicts=tuple(out.conflicts(manifest)),
     )
     release_free_heap()  # the temporaries of the merge and the derivation, before the commit's own

@@ -130,7 +130,7 @@ async def scheduled_run(runner: Runner) -> None:
 
 def _snapshot_of(result: RunResult) -> Snapshot:
     report = result.report
-    return Snapshot(result.table, report.output_version, report.finished_at, report)
+    return Snapshot(result.table, report.output_version, report.finished_at, report, result.rejected)
 
 
 def _throttled(hook: Callable[[int, Progress], None], interval: float = 0.1) -> Callable[[int, Progress], None]:

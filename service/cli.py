@@ -106,8 +106,11 @@ def format_report(report: RunReport) -> str:
         f"removed {report.removed}, unchanged {report.unchanged}",
     ]
     lines += [f"warning: {warning}" for warning in report.warnings]
-    lines.append(f"rejected files: {len(report.rejected)}")
+    lines.append(f"rejected files: {report.rejected_count}")
     lines += [f"  {rejected.key}: {rejected.reason}" for rejected in report.rejected]
+    unnamed = report.rejected_count - len(report.rejected)
+    if unnamed:
+        lines.append(f"  ... and {unnamed} more (the report names the first {len(report.rejected)} by key)")
     if report.conflicts:
         lines.append(f"conflicts: {len(report.conflicts)}")
         lines += [

@@ -47,7 +47,7 @@ class Metrics:
         self.run_seconds.observe(report.duration_seconds)
         for stage, value in (("listed", report.listed), ("fetched", report.fetched)):
             self.objects.labels(stage).set(value)
-        self.objects.labels("rejected").set(len(report.rejected))
+        self.objects.labels("rejected").set(report.rejected_count)
 
     def observe_snapshot(self, users: int, version: int, committed_at: datetime) -> None:
         self.snapshot_users.set(users)

@@ -10,9 +10,12 @@ from datetime import UTC, datetime
 
 from .aggregator import Aggregator, Progress, ProgressCallback, RunResult
 from .errors import NotReady, ServiceError, StorageError
-from .report import Outcome, RunReport
+from .report import Outcome, RejectedFiles, RunReport
 
 logger = logging.getLogger(__name__)
+
+REJECTIONS_LOGGED = 20
+"""New or changed rejections logged one per line in a run; the rest are counted in one line."""
 
 
 class RunnerClosed(ServiceError):
@@ -42,6 +45,7 @@ class Runner:
         self._closed = False
         self._held = held
         self._next_id = 1
+        self._rejected = RejectedFiles.empty()  # as of the last successful run, to log only changes
         self.history: deque[RunReport] = deque(maxlen=history)
 
     @property
@@ -88,10 +92,19 @@ class Runner:
             report = result.report
             self._on_commit(result)
             _log_report(report)
+            await self._log_rejections(run_id, result.rejected)
         self.history.append(report)
         if self._on_report is not None:
             await self._on_report(report)
         return report
+
+    async def _log_rejections(self, run_id: int, rejected: RejectedFiles) -> None:
+        """Log what changed since the previous run: a file that stays rejected for the same reason is
+        logged once, not in every run (the first run of a process logs every rejection once)."""
+        fresh, resolved = await asyncio.to_thread(rejected.changes_since, self._rejected)
+        self._rejected = rejected
+        if len(fresh) or resolved:
+            _log_changes(run_id, len(rejected), fresh, resolved)
 
     def _progress_for(self, run_id: int) -> ProgressCallback | None:
         hook = self._on_progress
@@ -125,7 +138,19 @@ def _log_report(report: RunReport) -> None:
     logger.info(
         "run %d (%s) %s in %.2fs: listed=%d fetched=%d added=%d updated=%d removed=%d rejected=%d users=%d",
         report.run_id, report.trigger, report.outcome.value, report.duration_seconds, report.listed,
-        report.fetched, report.added, report.updated, report.removed, len(report.rejected), report.users,
+        report.fetched, report.added, report.updated, report.removed, report.rejected_count, report.users,
     )  # fmt: skip
-    for rejected in report.rejected:
-        logger.info("run %d rejected %s: %s", report.run_id, rejected.key, rejected.reason)
+
+
+def _log_changes(run_id: int, total: int, fresh: RejectedFiles, resolved: int) -> None:
+    logger.info(
+        "run %d: %d files rejected (%d new or with a new reason), %d no longer rejected",
+        run_id, total, len(fresh), resolved,
+    )  # fmt: skip
+    for rejected in fresh.page(slice(0, REJECTIONS_LOGGED)):
+        logger.info("run %d rejected %s: %s", run_id, rejected.key, rejected.reason)
+    if len(fresh) > REJECTIONS_LOGGED:
+        logger.info(
+            "run %d: %d more newly rejected files not logged (the rejectedFiles query lists them all)",
+            run_id, len(fresh) - REJECTIONS_LOGGED,
+        )  # fmt: skip

@@ -31,13 +31,14 @@ from strawberry.types import ExecutionContext
 from . import events, output, query
 from .errors import BadRequest, NotReady, Unauthorized
 from .guards import DocumentGuard
-from .report import RunReport
+from .report import REJECTED_SAMPLE, RunReport
 from .runner import RunnerClosed
 from .state import ServiceState
 
 Long = NewType("Long", int)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _EXPECTED_ERRORS = (BadRequest, NotReady, Unauthorized, RunnerClosed)
+REJECTED_PAGE = 100  # rejectedFiles without a limit: this many, or MAX_PAGE_SIZE if smaller
 
 
 @dataclass
@@ -108,6 +109,15 @@ class RejectedFile:
     reason: str
 
 
+@strawberry.type(description="A page of the files rejected as of the latest run, ordered by key.")
+class RejectedFilePage:
+    total_count: int = strawberry.field(description="How many files are rejected in all.")
+    run_id: int | None = strawberry.field(
+        description="The run that found them; null before this process's first run (the list is then empty)."
+    )
+    files: list[RejectedFile]
+
+
 @strawberry.type(description="Several source files claim one user; the most recently modified wins.")
 class Conflict:
     user_id: strawberry.ID
@@ -145,7 +155,10 @@ class ProcessingRun:
     output_written: bool
     full_rebuild: bool
     warnings: list[str]
-    rejected: list[RejectedFile]
+    rejected_count: int = strawberry.field(description="How many source files are rejected in all.")
+    rejected: list[RejectedFile] = strawberry.field(
+        description=f"The first {REJECTED_SAMPLE} rejected files by key (rejectedFiles lists all of the latest run)."
+    )
     conflicts: list[Conflict]
 
     @classmethod
@@ -158,6 +171,7 @@ class ProcessingRun:
             ignored=report.ignored, users=report.users, images=report.images,
             output_version=report.output_version, output_written=report.output_written,
             full_rebuild=report.full_rebuild, warnings=list(report.warnings),
+            rejected_count=report.rejected_count,
             rejected=[RejectedFile(key=r.key, reason=r.reason) for r in report.rejected],
             conflicts=[Conflict.from_domain(c) for c in report.conflicts],
         )  # fmt: skip
@@ -205,6 +219,22 @@ class Query:
             count=result.count, average_age=result.average_age, youngest_age=result.min_age,
             oldest_age=result.max_age, with_image=result.with_image, without_image=result.without_image,
         )  # fmt: skip
+
+    @strawberry.field(
+        description=f"Files rejected as of the latest run, ordered by key: limit (default {REJECTED_PAGE}, at "
+        "most MAX_PAGE_SIZE) files from offset."
+    )
+    def rejected_files(self, info: Info, limit: int | None = None, offset: int = 0) -> RejectedFilePage:
+        state = info.context.state
+        snapshot = state.current()
+        rejected, maximum = snapshot.rejected, state.settings.max_page_size
+        size = min(REJECTED_PAGE, maximum) if limit is None else limit
+        window = _page_bounds(size, offset, len(rejected), maximum)
+        return RejectedFilePage(
+            total_count=len(rejected),
+            run_id=snapshot.report.run_id if snapshot.report else None,
+            files=[RejectedFile(key=f.key, reason=f.reason) for f in rejected.page(window)],
+        )
 
     @strawberry.field(description="The report of the most recent run, null before the first one.")
     def last_run(self, info: Info) -> ProcessingRun | None:

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from .report import RunReport
+from .report import RejectedFiles, RunReport
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
@@ -18,12 +18,17 @@ BoolArray = npt.NDArray[np.bool_]
 
 @dataclass(frozen=True, eq=False)
 class Snapshot:
-    """The output table as numpy columns, ordered by user_id, plus the birth date parts ages need."""
+    """The output table as numpy columns, ordered by user_id, plus the birth date parts ages need.
+
+    `rejected` lists every file rejected as of the commit; a snapshot of the stored output loaded at
+    start-up, before any run, has none (`report` is None then).
+    """
 
     table: pd.DataFrame
     version: int
     committed_at: datetime
     report: RunReport | None = None
+    rejected: RejectedFiles = field(default_factory=RejectedFiles.empty)
     user_ids: npt.NDArray[np.object_] = field(init=False)
     texts: dict[str, npt.NDArray[np.object_]] = field(init=False)  # first_name, last_name, img_path
     birthts: IntArray = field(init=False)

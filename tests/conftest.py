@@ -1,8 +1,11 @@
-"""Shared fixtures: one SeaweedFS S3 server per session, and stores on fresh buckets per test."""
+"""Shared fixtures: one SeaweedFS S3 server per session, stores on fresh buckets per test, and a store
+with thousands of rejected files."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,35 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "seaweed" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.s3)
+
+
+MANY_REJECTED = 3_000  # enough for per-file costs to show, few enough for a fast test
+BAD_CSV = b"first_name\nonly\n"
+BAD_REASON = "header lacks last_name, birthts (found: first_name)"
+
+
+@dataclass(frozen=True)
+class ManyRejected:
+    """An embedded store (`DATA_DIR`, bucket `datalake`) with one valid user file and many bad ones."""
+
+    data_dir: Path
+    store: LocalStore
+    keys: list[str]  # the bad files, ordered by key
+    reason: str  # why each of them is rejected
+
+
+@pytest.fixture
+async def many_rejected(tmp_path: Path) -> ManyRejected:
+    store = LocalStore(tmp_path, "datalake")
+    await store.ensure_bucket()
+    await store.put("src-data/1.csv", b"first_name,last_name,birthts\nA,B,1\n")
+    keys = [f"src-data/bad/{i:05d}.csv" for i in range(MANY_REJECTED)]
+    await asyncio.to_thread(_write_files, tmp_path / "datalake", keys, BAD_CSV)
+    return ManyRejected(tmp_path, store, keys, BAD_REASON)
+
+
+def _write_files(root: Path, keys: Iterable[str], data: bytes) -> None:
+    for key in keys:
+        path = root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)

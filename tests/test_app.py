@@ -8,7 +8,7 @@ import statistics
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from aiohttp import web
@@ -17,7 +17,11 @@ from aiohttp.test_utils import TestClient
 from service.app import create_app
 from service.config import Settings
 from service.local_store import LocalStore
+from service.report import REJECTED_SAMPLE
 from service.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from conftest import ManyRejected
 
 NEVER = "0 0 1 1 *"  # the schedule stays out of the way; tests trigger runs themselves
 TODAY = datetime.now(UTC).date()
@@ -443,3 +447,38 @@ async def test_a_corrupt_stored_output_is_replaced_by_the_startup_run(
     client = await aiohttp_client(create_app(settings, store=local))
     await wait_ready(client)
     assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == len(PEOPLE)
+
+
+async def test_post_data_and_the_history_stay_small_with_many_rejected_files(
+    aiohttp_client: ClientFactory, many_rejected: ManyRejected, settings: Settings
+) -> None:
+    client = await aiohttp_client(create_app(settings, store=many_rejected.store))
+    await wait_ready(client)
+    response = await client.post("/data")
+    text = await response.text()
+    report = await response.json()
+    assert response.status == 200 and len(text) < 4_000  # not ~90 bytes per rejected file
+    assert report["rejected_count"] == len(many_rejected.keys)
+    assert [r["key"] for r in report["rejected"]] == many_rejected.keys[:REJECTED_SAMPLE]
+    runs = (await gql(client, "{ runs { rejectedCount rejected { key } } }"))["data"]["runs"]
+    assert [(r["rejectedCount"], len(r["rejected"])) for r in runs] == [(len(many_rejected.keys), REJECTED_SAMPLE)] * 2
+    history = many_rejected.data_dir / "datalake" / "processed_data" / "output.csv.runs.json"
+    assert history.stat().st_size < 2 * 4_000  # two runs
+
+
+async def test_rejected_files_pages_through_every_rejected_file(
+    aiohttp_client: ClientFactory, many_rejected: ManyRejected
+) -> None:
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER, max_page_size=1_000), store=many_rejected.store))
+    await wait_ready(client)
+    total, seen = len(many_rejected.keys), []
+    for offset in range(0, total + 1, 1_000):
+        query = f"{{ rejectedFiles(limit: 1000, offset: {offset}) {{ totalCount runId files {{ key reason }} }} }}"
+        page = (await gql(client, query))["data"]["rejectedFiles"]
+        assert (page["totalCount"], page["runId"]) == (total, 1)
+        seen += page["files"]
+    assert seen == [{"key": key, "reason": many_rejected.reason} for key in many_rejected.keys]
+    default = (await gql(client, "{ rejectedFiles { files { key } } }"))["data"]["rejectedFiles"]
+    assert [f["key"] for f in default["files"]] == many_rejected.keys[:100]
+    too_many = await gql(client, "{ rejectedFiles(limit: 1001) { totalCount } }")
+    assert "limit must be between 0 and 1000" in too_many["errors"][0]["message"]

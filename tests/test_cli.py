@@ -6,9 +6,13 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
+from service.cli import format_report
+from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +47,7 @@ def test_demo_data_then_process(tmp_path: Path) -> None:
     report = json.loads(second.stdout)
     # Only the file rejected for a future birthts is read again (its time may come); nothing is written.
     assert (report["fetched"], report["unchanged"], report["output_written"]) == (1, 300, False)
-    assert len(report["rejected"]) == 7
+    assert len(report["rejected"]) == report["rejected_count"] == 7
     output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text()
     assert output.splitlines()[0] == "user_id,first_name,last_name,birthts,img_path"
     assert len(output.splitlines()) == 301
@@ -82,3 +86,14 @@ def test_unreachable_store_is_a_one_line_failure(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
     assert "super-secret-value" not in result.stderr + result.stdout
+
+
+def test_the_text_report_names_a_sample_of_many_rejected_files() -> None:
+    now = datetime.now(UTC)
+    sample = tuple(RejectedFile(f"src-data/{i:05d}.csv", "empty file") for i in range(REJECTED_SAMPLE))
+    report = RunReport(1, "cli", now, now, Outcome.SUCCEEDED, rejected_count=3_000, rejected=sample)
+    lines = format_report(report).splitlines()
+    assert "rejected files: 3000" in lines
+    unnamed = 3_000 - REJECTED_SAMPLE
+    assert lines[-1] == f"  ... and {unnamed} more (the report names the first {REJECTED_SAMPLE} by key)"
+    assert len(lines) < REJECTED_SAMPLE + 10

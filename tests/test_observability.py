@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,10 @@ from test_app import NEVER, ClientFactory, client, gql, local, settings, wait_re
 
 from service.app import create_app
 from service.config import Settings
+from service.history import HistoryStore
 from service.local_store import LocalStore
 from service.logs import JsonFormatter, TextFormatter
+from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 PROTOCOL = "graphql-transport-ws"
 __all__ = ["client", "local", "settings"]  # fixtures shared with test_app
@@ -66,6 +70,52 @@ async def test_run_history_survives_a_restart(aiohttp_client: ClientFactory, loc
         await asyncio.sleep(0.05)
     assert runs[1:] == before  # the earlier runs, then the new start-up run on top
     assert runs[0]["trigger"] == "startup" and runs[0]["id"] == before[0]["id"] + 1
+
+
+HISTORY_KEY = "processed_data/output.csv.runs.json"
+
+
+def old_entry(run_id: int, rejected: list[RejectedFile]) -> dict[str, Any]:
+    """A history entry as written before reports were bounded: every rejected file, no count."""
+    entry = RunReport(run_id, "schedule", datetime(2024, 1, 1, tzinfo=UTC), datetime(2024, 1, 1, 0, 1, tzinfo=UTC),
+                      Outcome.SUCCEEDED, rejected=tuple(rejected)).to_json()  # fmt: skip
+    del entry["rejected_count"]
+    return entry
+
+
+async def test_an_old_history_with_every_rejected_file_loads_cut_down(local_store: LocalStore) -> None:
+    files = [RejectedFile(f"src-data/{i:05d}.csv", f"reason {i}") for i in range(3_000)][::-1]
+    await local_store.put(HISTORY_KEY, json.dumps({"runs": [old_entry(1, files), old_entry(2, [])]}).encode())
+    history = HistoryStore(local_store, HISTORY_KEY, limit=100)
+    old, empty = await history.load()
+    assert old.rejected_count == 3_000 and old.rejected == tuple(sorted(files, key=lambda f: f.key)[:REJECTED_SAMPLE])
+    assert (empty.rejected_count, empty.rejected) == (0, ())
+    await history.save([old, empty])
+    assert len(await local_store.get(HISTORY_KEY)) < 4_000  # was over 200 KB
+    assert await history.load() == [old, empty]
+
+
+async def test_the_history_is_encoded_and_decoded_off_the_event_loop(
+    local_store: LocalStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[threading.Thread] = []
+    to_json, from_json = RunReport.to_json, RunReport.from_json
+
+    def recording_to_json(report: RunReport) -> dict[str, Any]:
+        threads.append(threading.current_thread())
+        return to_json(report)
+
+    def recording_from_json(data: dict[str, Any]) -> RunReport:
+        threads.append(threading.current_thread())
+        return from_json(data)
+
+    monkeypatch.setattr(RunReport, "to_json", recording_to_json)
+    monkeypatch.setattr(RunReport, "from_json", recording_from_json)
+    history = HistoryStore(local_store, HISTORY_KEY, limit=100)
+    report = RunReport(1, "schedule", datetime.now(UTC), datetime.now(UTC), Outcome.SUCCEEDED)
+    await history.save([report])
+    assert await history.load() == [report]
+    assert len(threads) == 2 and threading.current_thread() not in threads
 
 
 async def subscribe(client: TestClient[Any, Any], query: str, payload: dict[str, str] | None = None) -> Any:
@@ -126,8 +176,9 @@ async def test_one_log_line_per_run(client: TestClient[Any, Any], caplog: pytest
         r.getMessage() for r in caplog.records if r.name == "service.runner" and "rejected" not in r.getMessage()[:30]
     ]
     assert len([m for m in runs if m.startswith("run ")]) == 1
-    assert "(mutation) succeeded" in runs[0] and "users=7" in runs[0]
-    assert any("rejected src-data/broken.csv" in r.getMessage() for r in caplog.records)
+    assert "(mutation) succeeded" in runs[0] and "users=7" in runs[0] and "rejected=1" in runs[0]
+    # The start-up run logged the rejection; it has not changed since, so it is not logged again.
+    assert not any("src-data/broken.csv" in r.getMessage() for r in caplog.records)
 
 
 def test_json_log_lines() -> None:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -11,8 +14,12 @@ from service.aggregator import Aggregator, RunResult
 from service.app import scheduled_run
 from service.errors import StorageError
 from service.local_store import LocalStore
-from service.report import Outcome
-from service.runner import Runner, RunnerClosed
+from service.report import REJECTED_SAMPLE, Outcome
+from service.runner import REJECTIONS_LOGGED, Runner, RunnerClosed
+from service.storage import ObjectStore
+
+if TYPE_CHECKING:
+    from conftest import ManyRejected
 
 OUTPUT = "processed_data/output.csv"
 
@@ -45,7 +52,7 @@ async def store(tmp_path: Path) -> GatedStore:
     return store
 
 
-def runner_for(store: GatedStore, published: list[RunResult]) -> Runner:
+def runner_for(store: ObjectStore, published: list[RunResult]) -> Runner:
     aggregator = Aggregator(store, src_prefix="src-data/", output_key=OUTPUT, concurrency=4)
     return Runner(aggregator, published.append)
 
@@ -100,4 +107,50 @@ async def test_the_cron_callback_runs_through_the_runner(store: GatedStore) -> N
     runner = runner_for(store, published)
     await scheduled_run(runner)
     assert [r.trigger for r in runner.history] == ["schedule"]
+    await runner.close()
+
+
+async def test_a_report_stays_small_however_many_files_are_rejected(many_rejected: ManyRejected) -> None:
+    published: list[RunResult] = []
+    runner = runner_for(many_rejected.store, published)
+    report = await runner.run("test")
+    assert report.rejected_count == len(many_rejected.keys)
+    assert [(r.key, r.reason) for r in report.rejected] == [
+        (key, many_rejected.reason) for key in many_rejected.keys[:REJECTED_SAMPLE]
+    ]
+    # Every rejected file would take ~90 bytes: 3,000 of them over 250 KB, in every history entry.
+    assert len(json.dumps(report.to_json())) < 4_000
+    (result,) = published
+    files = result.rejected.page(slice(None))  # all of them, for the snapshot
+    assert [f.key for f in files] == many_rejected.keys and {f.reason for f in files} == {many_rejected.reason}
+    await runner.close()
+
+
+async def test_a_rejection_is_logged_when_it_appears_or_its_reason_changes(
+    many_rejected: ManyRejected, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = runner_for(many_rejected.store, [])
+    keys, total = many_rejected.keys, len(many_rejected.keys)
+
+    async def logged_run() -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="service.runner"):
+            await runner.run("test")
+        return [r.getMessage() for r in caplog.records if r.name == "service.runner"][1:]  # after the run line
+
+    first = await logged_run()
+    assert first == [
+        f"run 1: {total} files rejected ({total} new or with a new reason), 0 no longer rejected",
+        *(f"run 1 rejected {key}: {many_rejected.reason}" for key in keys[:REJECTIONS_LOGGED]),
+        f"run 1: {total - REJECTIONS_LOGGED} more newly rejected files not logged "
+        "(the rejectedFiles query lists them all)",
+    ]
+    assert await logged_run() == []  # nothing changed: nothing to log again
+
+    await many_rejected.store.put(keys[1234], b"first_name,last_name\nA,B\n")
+    await many_rejected.store.delete(keys[0])
+    assert await logged_run() == [
+        f"run 3: {total - 1} files rejected (1 new or with a new reason), 1 no longer rejected",
+        f"run 3 rejected {keys[1234]}: header lacks birthts (found: first_name, last_name)",
+    ]
     await runner.close()

@@ -33,5 +33,8 @@ def test_contract_names() -> None:
         "lastRun: ProcessingRun",
         "isImageExists: Boolean",
         "birthts: Long!",
+        "rejectedCount: Int!",
+        "rejectedFiles(limit: Int = null, offset: Int! = 0): RejectedFilePage!",
+        "totalCount: Int!",
     ):
         assert line in sdl, line
