@@ -64,6 +64,7 @@ def test_same_seed_same_data(tmp_path: Path) -> None:
         ({"FETCH_CONCURRENCY": "lots"}, "FETCH_CONCURRENCY"),
         ({"MINIO_ENDPOINT": "localhost:9000"}, "MINIO_ACCESS_KEY"),
         ({"MINIO_ENDPOINT": "http://x"}, "MINIO_ENDPOINT"),
+        ({"SRC_PREFIX": "./src-data/"}, "SRC_PREFIX"),
     ],
 )
 def test_bad_configuration_stops_with_the_variable_name(tmp_path: Path, env: dict[str, str], message: str) -> None:

@@ -45,6 +45,7 @@ def test_minio_settings_and_secrets_hidden() -> None:
         ({"BUCKET": "Not_A_Bucket"}, "BUCKET"),
         ({"SRC_PREFIX": "../up"}, "SRC_PREFIX"),
         ({"OUTPUT_KEY": "src-data/output.csv"}, "OUTPUT_KEY"),
+        ({"SRC_PREFIX": "in", "OUTPUT_KEY": "in/output.csv"}, "OUTPUT_KEY"),
         ({"SCHEDULE": "every minute"}, "SCHEDULE"),
     ],
 )
@@ -52,3 +53,41 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
     with pytest.raises(ConfigError, match=variable) as caught:
         load_settings(env)
     assert "s3cr3t-value" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "shown"),
+    [
+        ("SRC_PREFIX", "./src-data/", "'./src-data/'"),
+        ("SRC_PREFIX", "src-data/./2024/", "'src-data/./2024/'"),
+        ("SRC_PREFIX", "src-data//2024/", "'src-data//2024/'"),
+        ("SRC_PREFIX", "src-data//", "'src-data//'"),
+        ("SRC_PREFIX", "src\\data", "'src\\\\data/'"),
+        ("SRC_PREFIX", "/src-data/", "'/src-data/'"),
+        ("OUTPUT_KEY", "processed_data//output.csv", "'processed_data//output.csv'"),
+        ("OUTPUT_KEY", "./output.csv", "'./output.csv'"),
+        ("OUTPUT_KEY", "processed_data/../output.csv", "'processed_data/../output.csv'"),
+        ("OUTPUT_KEY", "processed_data\\output.csv", "'processed_data\\\\output.csv'"),
+        ("OUTPUT_KEY", "processed_data/", "'processed_data/'"),
+        ("OUTPUT_KEY", "/output.csv", "'/output.csv'"),
+    ],
+)
+def test_keys_the_stores_would_refuse_stop_start_up(variable: str, value: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({variable: value})
+    message = str(caught.value)
+    assert message.startswith(variable) and shown in message
+
+
+def test_settings_built_in_code_follow_the_same_rules() -> None:
+    with pytest.raises(ConfigError, match="SRC_PREFIX"):
+        Settings(src_prefix="./src-data/")
+    with pytest.raises(ConfigError, match="OUTPUT_KEY"):
+        Settings(output_key="out//put.csv")
+    with pytest.raises(ConfigError, match="OUTPUT_KEY"):
+        Settings(output_key="src-data/output.csv")
+
+
+def test_locations_beside_the_source_prefix() -> None:
+    settings = load_settings({"SRC_PREFIX": "in/2024", "OUTPUT_KEY": "in/2024-output.csv"})
+    assert (settings.src_prefix, settings.output_key) == ("in/2024/", "in/2024-output.csv")
