@@ -11,10 +11,12 @@ from pathlib import Path
 
 from cronsim import CronSim, CronSimError
 
-from .errors import ConfigError
+from .errors import ConfigError, InvalidKey
+from .storage import check_key, check_prefix
 
 DEFAULT_FETCH_CONCURRENCY = 64
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?$")
+_KEY_RULES = " (no leading '/', no empty, '.' or '..' segments, no backslash)"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -42,6 +44,9 @@ class Settings:
     log_format: str = "text"
     introspection: bool = True
 
+    def __post_init__(self) -> None:
+        _check_locations(self.src_prefix, self.output_key)
+
     @property
     def uses_minio(self) -> bool:
         return self.minio_endpoint is not None
@@ -56,9 +61,6 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     access, secret = _text(env, "MINIO_ACCESS_KEY"), _text(env, "MINIO_SECRET_KEY")
     if endpoint is not None and (access is None or secret is None):
         raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
-    src_prefix, output_key = _prefix(env), _output_key(env)
-    if output_key.startswith(src_prefix):
-        raise ConfigError(f"OUTPUT_KEY {output_key!r} must not be under SRC_PREFIX {src_prefix!r}")
     return Settings(
         minio_endpoint=endpoint,
         minio_access_key=access,
@@ -68,8 +70,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         minio_retries=_int(env, "MINIO_RETRIES", 3, 0, 20),
         data_dir=Path(_text(env, "DATA_DIR") or "data"),
         bucket=_bucket(env),
-        src_prefix=src_prefix,
-        output_key=output_key,
+        src_prefix=_prefix(env),
+        output_key=_text(env, "OUTPUT_KEY") or "processed_data/output.csv",
         fetch_concurrency=_int(env, "FETCH_CONCURRENCY", DEFAULT_FETCH_CONCURRENCY, 1, 1024),
         host=_text(env, "HOST") or "0.0.0.0",  # noqa: S104
         port=_int(env, "PORT", 8080, 0, 65535),
@@ -126,16 +128,27 @@ def _bucket(env: Mapping[str, str]) -> str:
 
 def _prefix(env: Mapping[str, str]) -> str:
     prefix = _text(env, "SRC_PREFIX") or "src-data/"
-    if prefix.startswith("/") or ".." in prefix.split("/"):
-        raise ConfigError(f"SRC_PREFIX must be a relative key prefix, got {prefix!r}")
     return prefix if prefix.endswith("/") else prefix + "/"
 
 
-def _output_key(env: Mapping[str, str]) -> str:
-    key = _text(env, "OUTPUT_KEY") or "processed_data/output.csv"
-    if key.startswith("/") or key.endswith("/") or ".." in key.split("/"):
-        raise ConfigError(f"OUTPUT_KEY must be an object key, got {key!r}")
-    return key
+def _check_locations(src_prefix: str, output_key: str) -> None:
+    """Refuse at start-up what the stores would refuse on every run, with an error naming no setting.
+
+    The stores list with `check_prefix` and read each listed key with `check_key`, so the prefix must
+    pass both: `a//` lists keys that can never be read.
+    """
+    try:
+        check_prefix(src_prefix)
+        check_key(src_prefix.removesuffix("/"))
+    except InvalidKey:
+        raise ConfigError(f"SRC_PREFIX must be a relative key prefix{_KEY_RULES}, got {src_prefix!r}") from None
+    try:
+        check_key(output_key)
+    except InvalidKey:
+        raise ConfigError(f"OUTPUT_KEY must be a relative object key{_KEY_RULES}, got {output_key!r}") from None
+    # Listed with the sources, `output.csv` would be read as user "output"'s file and rejected every run.
+    if output_key.startswith(src_prefix):
+        raise ConfigError(f"OUTPUT_KEY {output_key!r} must not be under SRC_PREFIX {src_prefix!r}")
 
 
 def _schedule(env: Mapping[str, str]) -> str:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 CSV_EXTENSIONS = frozenset({"csv"})
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg"})
+_SOURCE_EXTENSIONS = CSV_EXTENSIONS | IMAGE_EXTENSIONS
 
 
 class Kind(enum.StrEnum):
@@ -36,6 +37,25 @@ def classify(key: str) -> Classified:
     if ext in IMAGE_EXTENSIONS:
         return Classified(Kind.IMAGE, stem)
     return _IGNORED
+
+
+def ignored_reason(key: str) -> str | None:
+    """Why `classify` ignores `key` although its extension makes it a user file or image, else None.
+
+    For the run report: a producer that writes `.1000.csv` should learn why user 1000 is missing. Keys
+    that are no source file at all (`notes.txt`) get None and stay silently ignored. The rules repeat
+    `classify`'s, which stays a single inline test because it runs for every listed object.
+    """
+    stem, dot, ext = key.rpartition("/")[2].rpartition(".")
+    if not dot or ext.lower() not in _SOURCE_EXTENSIONS:
+        return None
+    if not stem:
+        return "no user id before the extension"
+    if stem.startswith("."):
+        return "hidden file (the name starts with '.')"
+    if _has_control(key):
+        return "the key contains control characters, invisible format characters or undecodable bytes"
+    return None
 
 
 def _has_control(text: str) -> bool:

@@ -48,7 +48,6 @@ class MinioStore:
             raise ValueError("timeout must be positive and retries not negative")
         self._endpoint = endpoint
         self._access_key = access_key
-        self._secret_key = secret_key
         self._bucket = bucket
         self._timeout = timeout
         self._retries = retries
@@ -186,9 +185,9 @@ class MinioStore:
     def _error(self, op: str, key: str | None, exc: Exception, attempts: int) -> StorageError:
         target = f"bucket {self._bucket!r}" if key is None else f"{key!r} in bucket {self._bucket!r}"
         tries = f" after {attempts} attempts" if attempts > 1 else ""
+        # No redaction: nothing here holds the secret key (the SDK signs with it but never reports it), and
+        # replacing a short secret's text would garble every message.
         message = f"{op} {target} on {self._endpoint} failed{tries}: {self._describe(exc)}"
-        if self._secret_key:
-            message = message.replace(self._secret_key, "***")
         not_found = isinstance(exc, S3Error) and exc.code in _NOT_FOUND
         return ObjectNotFound(message) if not_found else StorageError(message)
 

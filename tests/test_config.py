@@ -27,7 +27,8 @@ def test_minio_settings_and_secrets_hidden() -> None:
     settings = load_settings({**S3, "MINIO_SECURE": "true", "API_TOKEN": "tok-123", "SRC_PREFIX": "in"})
     assert settings.uses_minio and settings.minio_secure
     assert settings.src_prefix == "in/"
-    assert "s3cr3t-value" not in repr(settings) and "tok-123" not in repr(settings)
+    for shown in (repr(settings), str(settings), f"{settings}"):
+        assert "s3cr3t-value" not in shown and "tok-123" not in shown
 
 
 @pytest.mark.parametrize(
@@ -45,6 +46,7 @@ def test_minio_settings_and_secrets_hidden() -> None:
         ({"BUCKET": "Not_A_Bucket"}, "BUCKET"),
         ({"SRC_PREFIX": "../up"}, "SRC_PREFIX"),
         ({"OUTPUT_KEY": "src-data/output.csv"}, "OUTPUT_KEY"),
+        ({"SRC_PREFIX": "in", "OUTPUT_KEY": "in/output.csv"}, "OUTPUT_KEY"),
         ({"SCHEDULE": "every minute"}, "SCHEDULE"),
     ],
 )
@@ -52,3 +54,41 @@ def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> Non
     with pytest.raises(ConfigError, match=variable) as caught:
         load_settings(env)
     assert "s3cr3t-value" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "shown"),
+    [
+        ("SRC_PREFIX", "./src-data/", "'./src-data/'"),
+        ("SRC_PREFIX", "src-data/./2024/", "'src-data/./2024/'"),
+        ("SRC_PREFIX", "src-data//2024/", "'src-data//2024/'"),
+        ("SRC_PREFIX", "src-data//", "'src-data//'"),
+        ("SRC_PREFIX", "src\\data", "'src\\\\data/'"),
+        ("SRC_PREFIX", "/src-data/", "'/src-data/'"),
+        ("OUTPUT_KEY", "processed_data//output.csv", "'processed_data//output.csv'"),
+        ("OUTPUT_KEY", "./output.csv", "'./output.csv'"),
+        ("OUTPUT_KEY", "processed_data/../output.csv", "'processed_data/../output.csv'"),
+        ("OUTPUT_KEY", "processed_data\\output.csv", "'processed_data\\\\output.csv'"),
+        ("OUTPUT_KEY", "processed_data/", "'processed_data/'"),
+        ("OUTPUT_KEY", "/output.csv", "'/output.csv'"),
+    ],
+)
+def test_keys_the_stores_would_refuse_stop_start_up(variable: str, value: str, shown: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings({variable: value})
+    message = str(caught.value)
+    assert message.startswith(variable) and shown in message
+
+
+def test_settings_built_in_code_follow_the_same_rules() -> None:
+    with pytest.raises(ConfigError, match="SRC_PREFIX"):
+        Settings(src_prefix="./src-data/")
+    with pytest.raises(ConfigError, match="OUTPUT_KEY"):
+        Settings(output_key="out//put.csv")
+    with pytest.raises(ConfigError, match="OUTPUT_KEY"):
+        Settings(output_key="src-data/output.csv")
+
+
+def test_locations_beside_the_source_prefix() -> None:
+    settings = load_settings({"SRC_PREFIX": "in/2024", "OUTPUT_KEY": "in/2024-output.csv"})
+    assert (settings.src_prefix, settings.output_key) == ("in/2024/", "in/2024-output.csv")

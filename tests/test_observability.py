@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
+from s3server import free_ports
 from test_app import NEVER, ClientFactory, client, gql, local, settings, wait_ready
 
 from service.app import create_app
@@ -205,3 +206,23 @@ def test_text_logs_cannot_be_forged_by_user_input() -> None:
 
         failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
     assert formatter.format(failed).count("\n") >= 2  # a traceback keeps its lines
+
+
+async def test_store_errors_are_logged_as_they_are(
+    aiohttp_client: ClientFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    (port,) = free_ports(1)
+    settings = Settings(
+        minio_endpoint=f"127.0.0.1:{port}", minio_access_key="key", minio_secret_key="s", minio_retries=1,
+        schedule=NEVER,
+    )  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="service"):
+        await aiohttp_client(create_app(settings))
+        for _ in range(100):
+            logged = [r.getMessage() for r in caplog.records if "start-up" in r.getMessage()]
+            if logged:
+                break
+            await asyncio.sleep(0.05)
+    # A one-letter secret key is no reason to touch a message: it holds no secret to begin with.
+    assert logged and f"bucket 'datalake' on 127.0.0.1:{port} failed after 2 attempts" in logged[0]
+    assert "*" not in logged[0]
