@@ -15,7 +15,7 @@ import pandas as pd
 from . import manifest as mf
 from . import output as out
 from .errors import InvalidKey, ObjectNotFound
-from .keys import Kind
+from .keys import Kind, ignored_reason
 from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
 from .report import Outcome, RejectedFiles, RunReport
@@ -76,6 +76,7 @@ class _Results:
     last_names: list[str] = field(default_factory=list)
     birthts: array.array[int] = field(default_factory=lambda: array.array("q"))
     vanished: set[str] = field(default_factory=set)
+    misnamed: dict[str, str] = field(default_factory=dict)  # key -> why it is no user's file
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -141,6 +142,7 @@ class Aggregator:
         state = await self._load_state(now_ms)
         listing, ignored, results = await self._scan(state.manifest, now_ms, progress)
         listed, fetched = len(listing) + ignored, len(results)  # before _compute takes the results
+        ignored -= len(results.misnamed)  # reported as rejected, with their reason
         computed = await asyncio.to_thread(_compute, listing, state, results)
         del listing, results  # at a million users these are hundreds of MiB: not needed for the commit
         version, written = await self._commit(state, computed)
@@ -272,7 +274,10 @@ class Aggregator:
                 frame, ignored = mf.listing_frame(page)
                 pages.append(frame)
                 counts["listed"] += len(page)
-                counts["ignored"] += ignored
+                for key in ignored:  # a source file's name that breaks a key rule is refused with its reason
+                    if (reason := ignored_reason(key)) is not None:
+                        results.misnamed[key] = reason
+                counts["ignored"] += len(ignored)
                 changed = (frame["kind"] == Kind.CSV.value).to_numpy() & diff.changed(frame)
                 too_big = changed & (frame["size"].to_numpy() > MAX_CSV_BYTES)
                 for key in frame["key"].to_numpy()[too_big]:
@@ -369,7 +374,9 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
         output_changed=(output is not state.previous_output and not output.equals(state.previous_output))
         or _newly_carried(manifest, fresh),
         orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
-        rejected=RejectedFiles.of(rejected["key"], rejected["reason"]),
+        rejected=RejectedFiles.of(
+            [*rejected["key"], *results.misnamed], [*rejected["reason"], *results.misnamed.values()]
+        ),
         conflicts=tuple(out.conflicts(manifest)),
     )
     release_free_heap()  # the temporaries of the merge and the derivation, before the commit's own

@@ -65,18 +65,20 @@ def empty(columns: list[str] = COLUMNS) -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series([], dtype=DTYPES[name]) for name in columns})
 
 
-def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, int]:
-    """Turn one listing page into listing rows (CSVs and images) and the count of ignored objects."""
+def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, list[str]]:
+    """Turn one listing page into listing rows (CSVs and images) and the keys of the ignored objects."""
     keys: list[str] = []
     etags: list[str] = []
     sizes: list[int] = []
     mtimes: list[int] = []
     kinds: list[str] = []
     user_ids: list[str] = []
+    ignored: list[str] = []
     shared: dict[str, str] = {}  # a user's CSV and image are usually listed together: one user_id string
     for info in page:
         kind, user_id = classify(info.key)
         if kind is Kind.IGNORED:
+            ignored.append(info.key)
             continue
         keys.append(info.key)
         etags.append(info.etag)
@@ -95,7 +97,7 @@ def listing_frame(page: list[ObjectInfo]) -> tuple[pd.DataFrame, int]:
         },
         copy=False,
     )
-    return frame, len(page) - len(keys)
+    return frame, ignored
 
 
 def mtime_ns(moment: datetime) -> int:

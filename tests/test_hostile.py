@@ -155,9 +155,10 @@ CORPUS = [
     ok('src-data/a,b "q".csv', user_csv("Comma", "Quote", 3), "Comma", "Quote", 3),
     ok("src-data/%2e%2e.csv", user_csv("Percent", "Dots", 4), "Percent", "Dots", 4),
     ok("src-data/nested/deeper/n1.csv", user_csv("Nested", "N", 5), "Nested", "N", 5),
-    ignored("src-data/...csv", user_csv("Dot", "Dot", 6)),  # the stem ".." starts with a dot
-    ignored("src-data/.hidden.csv", user_csv("Hid", "Den", 6)),
-    ignored("src-data/tab\there.csv", user_csv("Tab", "T", 6)),  # a control character
+    bad("src-data/...csv", user_csv("Dot", "Dot", 6), "hidden file"),  # the stem ".." starts with a dot
+    bad("src-data/.hidden.csv", user_csv("Hid", "Den", 6), "hidden file"),
+    bad("src-data/tab\there.csv", user_csv("Tab", "T", 6), "the key contains control characters"),
+    bad("src-data/.png", b"\x89PNG", "no user id before the extension"),
     ignored("src-data/README.txt"),
     ignored("src-data/.DS_Store", GARBAGE[:64]),
     ignored("src-data/noext"),
@@ -320,9 +321,11 @@ async def test_local_store_odd_names_and_links_never_escape_the_bucket(tmp_path:
     report = (await aggregator(recording).run()).report
     assert_accounted(report)
     assert {r.key: r.reason for r in report.rejected} == {
-        "src-data/back\\slash.csv": "invalid object key 'src-data/back\\\\slash.csv'"
+        "src-data/back\\slash.csv": "invalid object key 'src-data/back\\\\slash.csv'",
+        "src-data/bad-\udcff.csv": "the key contains control characters, invisible format characters or "
+        "undecodable bytes",
     }
-    assert (report.listed, report.ignored) == (3, 1)  # links and the FIFO are not listed; the bad name is ignored
+    assert (report.listed, report.ignored) == (3, 0)  # links and the FIFO are not listed; the bad name is refused
     assert await output_rows(store) == {"ok": ("Ok", "Ok", 1, "")}
     read = {key for key, _, _ in recording.reads}
     assert not any("link" in key or "fifo" in key for key in read), read
