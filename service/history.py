@@ -37,4 +37,4 @@ class HistoryStore:
         try:
             await self._store.put(self.key, body, "application/json")
         except StorageError as exc:
-            logger.warning("could not persist the run history: %s", exc)
+            logger.warning("could not persist the run history: %s", exc.for_log())

@@ -3,20 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from miniopy_async import Minio
+from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
 
-from service.errors import InvalidKey, ObjectNotFound, StorageError
+from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, StorageError
+from service.local_store import LocalStore
 from service.minio_store import MinioStore
 from service.storage import ObjectInfo, ObjectStore
 
 SECRET = "never-show-this-secret-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def pages_of(store: ObjectStore, prefix: str = "") -> list[list[ObjectInfo]]:
@@ -196,6 +205,64 @@ async def test_last_modified_is_utc_and_recent(store: ObjectStore) -> None:
         assert before - timedelta(seconds=2) <= info.last_modified <= after + timedelta(seconds=1)
 
 
+# -- local adapter only ----------------------------------------------------------------------
+
+
+# Run in a child process that obeys file modes: every way to read a file of mode 000, and one
+# readable file beside it. Prints {call: [exception type or "ok", message or content]}.
+_READ_MODE_000 = """
+import asyncio, json, sys
+from pathlib import Path
+from service.local_store import LocalStore
+
+async def outcome(call):
+    try:
+        return ["ok", (await call()).decode()]
+    except Exception as exc:
+        return [type(exc).__name__, str(exc)]
+
+async def main(data_dir):
+    store = LocalStore(Path(data_dir), "bucket")
+
+    async def stat(key):
+        return (await store.stat(key)).key.encode()
+
+    calls = {
+        "get": lambda: store.get("src-data/2.csv"),
+        "get at most": lambda: store.get("src-data/2.csv", max_bytes=10),
+        "stat in a closed directory": lambda: stat("closed/3.csv"),
+        "readable": lambda: store.get("src-data/1.csv"),
+    }
+    print(json.dumps({name: await outcome(call) for name, call in calls.items()}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_file_without_read_permission_is_unreadable_not_a_store_failure(
+    local_store: LocalStore, tmp_path: Path, obeying_file_modes: Callable[[list[str]], list[str]]
+) -> None:
+    await local_store.put("src-data/1.csv", b"one")
+    await local_store.put("src-data/2.csv", b"two")
+    await local_store.put("closed/3.csv", b"three")
+    data_dir = tmp_path / "data"
+    (data_dir / "bucket" / "src-data" / "2.csv").chmod(0)
+    (data_dir / "bucket" / "closed").chmod(0o600)  # no search permission: its files cannot even be stat'ed
+    command = obeying_file_modes([sys.executable, "-c", _READ_MODE_000, str(data_dir)])
+    result = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    refused = ["ObjectUnreadable", "cannot read 'src-data/2.csv': permission denied"]
+    assert json.loads(result.stdout) == {
+        "get": refused,
+        "get at most": refused,
+        "stat in a closed directory": ["ObjectUnreadable", "cannot stat 'closed/3.csv': permission denied"],
+        "readable": ["ok", "one"],
+    }
+    assert str(tmp_path) not in result.stdout
+
+
 # -- S3 adapter only -------------------------------------------------------------------------
 
 
@@ -227,6 +294,20 @@ async def test_unreachable_endpoint_fails_quickly(closed_port: int) -> None:
     assert "after 3 attempts" in message
     assert SECRET not in message
     assert caught.value.__cause__ is not None
+    assert not isinstance(caught.value, ObjectUnreadable)  # the store failed, not this object
+
+
+async def test_errors_name_the_endpoint_in_the_log_text_only(closed_port: int) -> None:
+    endpoint = f"127.0.0.1:{closed_port}"
+    store = MinioStore(endpoint, "access", SECRET, "bucket", timeout=1.0, retries=0)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await store.get("users/1.csv")
+    finally:
+        await store.close()
+    assert str(caught.value) == "cannot read 'users/1.csv': ClientConnectorError: connection refused"
+    assert endpoint in caught.value.for_log()
+    assert str(closed_port) not in str(caught.value)
 
 
 async def test_every_operation_raises_storage_errors(closed_port: int) -> None:
@@ -281,6 +362,7 @@ async def test_wrong_secret_is_not_retried(seaweed: SeaweedServer) -> None:
     assert "SignatureDoesNotMatch" in str(caught.value)
     assert SECRET not in str(caught.value)
     assert "attempts" not in str(caught.value)
+    assert not isinstance(caught.value, ObjectUnreadable)  # bad credentials fail every object: the store's fault
 
 
 @pytest.mark.s3
@@ -291,7 +373,34 @@ async def test_missing_bucket_is_not_a_missing_object(seaweed: SeaweedServer) ->
             await store.get("users/1.csv")
     finally:
         await store.close()
-    assert not isinstance(caught.value, ObjectNotFound)
+    assert not isinstance(caught.value, ObjectNotFound | ObjectUnreadable)
+
+
+async def put_with_customer_key(server: SeaweedServer, bucket: str, key: str, data: bytes) -> None:
+    """Upload with SSE-C: the server keeps only a hash of the key, and refuses reads that lack it."""
+    async with Minio(server.endpoint, server.access_key, server.secret_key, secure=False) as client:
+        await client.put_object(bucket, key, io.BytesIO(data), len(data), sse=SseCustomerKey(b"k" * 32))
+
+
+@pytest.mark.s3
+async def test_an_object_encrypted_with_a_customer_key_is_unreadable(
+    seaweed: SeaweedServer, minio_store: MinioStore
+) -> None:
+    await minio_store.put("src-data/1.csv", b"plain")
+    await put_with_customer_key(seaweed, minio_store.bucket, "src-data/2.csv", b"sealed")
+    assert sorted(await listed(minio_store)) == ["src-data/1.csv", "src-data/2.csv"]
+    reads: list[Callable[[], Awaitable[object]]] = [
+        lambda: minio_store.get("src-data/2.csv"),
+        lambda: minio_store.get("src-data/2.csv", max_bytes=10),
+        lambda: minio_store.stat("src-data/2.csv"),
+    ]
+    for read in reads:
+        began = time.monotonic()
+        with pytest.raises(ObjectUnreadable, match=r"^cannot (read|stat) 'src-data/2\.csv': ") as caught:
+            await read()
+        assert time.monotonic() - began < 1.0  # a 4xx: not retried
+        assert seaweed.endpoint not in str(caught.value) and seaweed.endpoint in caught.value.for_log()
+    assert await minio_store.get("src-data/1.csv") == b"plain"
 
 
 @pytest.mark.s3
