@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from .errors import ObjectNotFound, ObjectUnreadable, StorageError
-from .storage import ObjectInfo, check_key, check_prefix, exists_by_stat
+from .storage import ObjectInfo, ObjectStream, check_key, check_prefix, exists_by_stat
 
 PAGE_SIZE = 1000
 # The file system refuses this one file (its mode, an ACL, a security module): other files may read fine.
@@ -56,6 +57,15 @@ class LocalStore:
         path = self._path(key)
         return await asyncio.to_thread(_read, path, key, max_bytes)
 
+    @contextlib.asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[ObjectStream]:
+        path = self._path(key)
+        handle, size = await asyncio.to_thread(_open_object, path, key)
+        try:
+            yield _FileStream(handle, size, key, path)
+        finally:
+            handle.close()
+
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
         return await asyncio.to_thread(_write_atomic, path, key, data, self._tmp)
@@ -93,6 +103,28 @@ def _info(key: str, st: os.stat_result) -> ObjectInfo:
     etag = f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
     modified = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
     return ObjectInfo(key=key, etag=etag, size=st.st_size, last_modified=modified)
+
+
+class _FileStream:
+    """An object's open file, read a chunk at a time in a worker thread."""
+
+    def __init__(self, handle: BinaryIO, size: int, key: str, path: Path) -> None:
+        self._handle = handle
+        self.size = size
+        self._key = key
+        self._path = path
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        remaining = self.size  # a file that grows after opening is served as it was opened
+        while remaining > 0 and (chunk := await asyncio.to_thread(self._read, min(chunk_size, remaining))):
+            remaining -= len(chunk)
+            yield chunk
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._handle.read(size)
+        except OSError as exc:
+            raise _error("read", self._key, self._path, exc) from exc
 
 
 def _open_object(path: Path, key: str) -> tuple[BinaryIO, int]:

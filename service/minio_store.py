@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import random
@@ -17,7 +18,7 @@ from miniopy_async.error import InvalidResponseError, MinioException, S3Error, S
 from miniopy_async.helpers import check_bucket_name
 
 from .errors import ObjectNotFound, ObjectUnreadable, StorageError
-from .storage import ObjectInfo, check_key, check_prefix, exists_by_stat
+from .storage import ObjectInfo, ObjectStream, check_key, check_prefix, exists_by_stat
 
 T = TypeVar("T")
 
@@ -149,6 +150,17 @@ class MinioStore:
         finally:
             response.release()
 
+    @contextlib.asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[ObjectStream]:
+        check_key(key)
+        response = await self._call("read", key, lambda: self._client().get_object(self._bucket, key))
+        try:
+            if response.content_length is None:  # S3 always sends it; a proxy in between might not
+                raise StorageError(f"cannot read {key!r}: no Content-Length", where=f"at {self._endpoint}")
+            yield _ResponseStream(response, response.content_length, lambda exc: self._error("read", key, exc, 1))
+        finally:
+            response.release()  # closes the connection when the body was not read to its end
+
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         check_key(key)
 
@@ -246,6 +258,27 @@ def _is_transient(exc: Exception) -> bool:
     if status is not None:
         return status >= 500
     return isinstance(exc, _TRANSIENT)
+
+
+class _ResponseStream:
+    """The body of a GET, read as it arrives; a broken body is a `StorageError`, never retried (its start
+    may have been passed on already)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, size: int, error: Callable[[Exception], StorageError]) -> None:
+        self._response = response
+        self.size = size
+        self._error = error
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        remaining = self.size  # a body decoded by the client (Content-Encoding) could be longer
+        try:
+            async for chunk in self._response.content.iter_chunked(chunk_size):
+                yield chunk[:remaining]
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    return
+        except _SDK_ERRORS as exc:
+            raise self._error(exc) from exc
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, limit: int | None) -> bytes:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import DEFAULT_FETCH_CONCURRENCY, Settings, load_settings
+from service.config import DEFAULT_FETCH_CONCURRENCY, DEFAULT_MAX_IMAGE_BYTES, Settings, load_settings
 from service.errors import ConfigError
 
 S3 = {"MINIO_ENDPOINT": "minio:9000", "MINIO_ACCESS_KEY": "access", "MINIO_SECRET_KEY": "s3cr3t-value"}
@@ -20,6 +20,7 @@ def test_defaults() -> None:
     )  # fmt: skip
     assert settings.data_dir == Path("data")
     assert settings.fetch_concurrency == DEFAULT_FETCH_CONCURRENCY
+    assert settings.max_image_bytes == DEFAULT_MAX_IMAGE_BYTES == 20 * 1024 * 1024
     assert not settings.uses_minio
 
 
@@ -46,9 +47,15 @@ def test_minio_settings_and_secrets_hidden() -> None:
         ({"SRC_PREFIX": "../up"}, "SRC_PREFIX"),
         ({"OUTPUT_KEY": "src-data/output.csv"}, "OUTPUT_KEY"),
         ({"SCHEDULE": "every minute"}, "SCHEDULE"),
+        ({"MAX_IMAGE_BYTES": "20M"}, "MAX_IMAGE_BYTES"),
+        ({"MAX_IMAGE_BYTES": "0"}, "MAX_IMAGE_BYTES"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
     with pytest.raises(ConfigError, match=variable) as caught:
         load_settings(env)
     assert "s3cr3t-value" not in str(caught.value)
+
+
+def test_max_image_bytes() -> None:
+    assert load_settings({"MAX_IMAGE_BYTES": "1048576"}).max_image_bytes == 1024 * 1024

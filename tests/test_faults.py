@@ -857,7 +857,7 @@ async def test_schedule_mutations_and_posts_at_once_never_overlap(
     assert "schedule" in triggers and len({r["id"] for _, r in results}) < 70
 
 
-# -- 6. one object the store refuses --------------------------------------------------------
+# -- 6. one object the store refuses; an image cut off mid-stream -----------------------------
 
 
 async def test_an_object_the_store_refuses_is_rejected_and_the_run_goes_on(
@@ -885,3 +885,31 @@ async def test_an_object_the_store_refuses_is_rejected_and_the_run_goes_on(
     # The next run reports it again, and still commits nothing new.
     again = (await gql(client, f"mutation {{ reprocess {{ {fields} }} }}"))["data"]["reprocess"]
     assert (again["outcome"], again["rejected"]) == ("SUCCEEDED", run["rejected"])
+
+
+async def test_an_image_cut_off_by_the_store_mid_stream_ends_the_connection(
+    aiohttp_client: ClientFactory,
+    seaweed: SeaweedServer,
+    bucket_store: MinioStore,
+    proxy: FaultProxy,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    await put_all(bucket_store, user_objects([3]))
+    image = os.urandom(8 * 1024 * 1024)
+    await bucket_store.put(f"{SRC}img/3.png", image)
+    store = MinioStore(proxy.endpoint, seaweed.access_key, seaweed.secret_key, bucket_store.bucket, retries=0)
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER), store=store))
+    await wait_ready(client)
+    proxy.delay = 0.01  # 64 KiB per 10 ms: the image is still on its way when the store goes
+
+    response = await client.get("/images/3")
+    assert (response.status, response.content_length) == (200, len(image))
+    assert await response.content.readexactly(1024) == image[:1024]
+    proxy.drop_connections()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await response.read()
+
+    assert any(f"image {SRC}img/3.png cut short" in record.getMessage() for record in caplog.records)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    proxy.delay = 0.0
+    assert await (await client.get("/images/3")).read() == image

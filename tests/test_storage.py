@@ -46,6 +46,17 @@ async def put_all(store: ObjectStore, keys: list[str], concurrency: int = 64) ->
     await asyncio.gather(*(put(key) for key in keys))
 
 
+async def streamed(store: ObjectStore, key: str, chunk_size: int) -> tuple[int, list[bytes]]:
+    """The size `open` announces and the chunks it yields."""
+    async with store.open(key) as stream:
+        return stream.size, [chunk async for chunk in stream.chunks(chunk_size)]
+
+
+async def opened_size(store: ObjectStore, key: str) -> int:
+    async with store.open(key) as stream:
+        return stream.size
+
+
 # -- contract: every adapter ---------------------------------------------------------------
 
 
@@ -139,6 +150,31 @@ async def test_get_reads_at_most_max_bytes_plus_one(store: ObjectStore, max_byte
     assert await store.get("big.csv", max_bytes=max_bytes) == data[:expected]
 
 
+async def test_open_streams_the_object_in_chunks_of_at_most_the_size_asked(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and 4 bytes
+    await store.put("img/1.png", data)
+    size, chunks = await streamed(store, "img/1.png", 64 * 1024)
+    assert size == len(data)
+    assert b"".join(chunks) == data
+    assert all(0 < len(chunk) <= 64 * 1024 for chunk in chunks)
+
+
+async def test_open_an_empty_object(store: ObjectStore) -> None:
+    await store.put("empty.png", b"")
+    assert await streamed(store, "empty.png", 1024) == (0, [])
+
+
+async def test_an_object_opened_and_left_unread_is_released(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB: more than any socket or read buffer holds
+    await store.put("big.png", data)
+    for _ in range(20):  # a leak of connections or file handles would show as warnings or a stall
+        assert await opened_size(store, "big.png") == len(data)
+    async with store.open("big.png") as stream:
+        first = await anext(aiter(stream.chunks(1000)))
+    assert first == data[:1000]
+    assert await store.get("big.png") == data  # the store is still fine
+
+
 async def test_missing_object(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
         await store.get("dir/nope.csv")
@@ -146,6 +182,8 @@ async def test_missing_object(store: ObjectStore) -> None:
         await store.get("dir/nope.csv", max_bytes=10)
     with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
         await store.stat("dir/nope.csv")
+    with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
+        await opened_size(store, "dir/nope.csv")
     assert not await store.exists("dir/nope.csv")
     await store.delete("dir/nope.csv")
 
@@ -167,6 +205,8 @@ async def test_a_prefix_is_not_an_object(store: ObjectStore) -> None:
         await store.get("dir")
     with pytest.raises(ObjectNotFound):
         await store.stat("dir")
+    with pytest.raises(ObjectNotFound):
+        await opened_size(store, "dir")
 
 
 @pytest.mark.parametrize("prefix", ["../", "a/../../", "/", "./"])
@@ -180,6 +220,8 @@ async def test_a_listing_never_leaves_the_bucket(store: ObjectStore, prefix: str
 async def test_invalid_keys_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(InvalidKey):
         await store.get(key)
+    with pytest.raises(InvalidKey):
+        await opened_size(store, key)
     with pytest.raises(InvalidKey):
         await store.put(key, b"x")
     with pytest.raises(InvalidKey):
@@ -224,14 +266,19 @@ async def outcome(call):
 async def main(data_dir):
     store = LocalStore(Path(data_dir), "bucket")
 
+    async def streamed(key):
+        async with store.open(key) as stream:
+            return b"".join([chunk async for chunk in stream.chunks(4)])
+
     async def stat(key):
         return (await store.stat(key)).key.encode()
 
     calls = {
         "get": lambda: store.get("src-data/2.csv"),
         "get at most": lambda: store.get("src-data/2.csv", max_bytes=10),
+        "open": lambda: streamed("src-data/2.csv"),
         "stat in a closed directory": lambda: stat("closed/3.csv"),
-        "readable": lambda: store.get("src-data/1.csv"),
+        "readable": lambda: streamed("src-data/1.csv"),
     }
     print(json.dumps({name: await outcome(call) for name, call in calls.items()}))
 
@@ -257,6 +304,7 @@ async def test_a_file_without_read_permission_is_unreadable_not_a_store_failure(
     assert json.loads(result.stdout) == {
         "get": refused,
         "get at most": refused,
+        "open": refused,
         "stat in a closed directory": ["ObjectUnreadable", "cannot stat 'closed/3.csv': permission denied"],
         "readable": ["ok", "one"],
     }
@@ -392,6 +440,7 @@ async def test_an_object_encrypted_with_a_customer_key_is_unreadable(
     reads: list[Callable[[], Awaitable[object]]] = [
         lambda: minio_store.get("src-data/2.csv"),
         lambda: minio_store.get("src-data/2.csv", max_bytes=10),
+        lambda: opened_size(minio_store, "src-data/2.csv"),
         lambda: minio_store.stat("src-data/2.csv"),
     ]
     for read in reads:
