@@ -7,7 +7,7 @@ import contextlib
 import errno
 import os
 import stat
-import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -162,13 +162,15 @@ def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir)
+        tmp = tmp_dir / uuid.uuid4().hex
+        # Mode 0666 less the umask, like any file the user writes (mkstemp would make it 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return _info(key, os.stat(path)).etag
     except OSError as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -248,6 +250,20 @@ async def test_last_modified_is_utc_and_recent(store: ObjectStore) -> None:
 
 
 # -- local adapter only ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+async def test_written_files_follow_the_umask(local_store: LocalStore, tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        await local_store.put("src-data/1.csv", b"x")
+        await local_store.put("src-data/1.csv", b"y")  # a replaced file too
+        await local_store.put("processed_data/output.csv", b"z")
+    finally:
+        os.umask(previous)
+    root = tmp_path / "data" / "bucket"
+    for key in ("src-data/1.csv", "processed_data/output.csv"):
+        assert stat.S_IMODE((root / key).stat().st_mode) == 0o666 & ~umask, key
 
 
 # Run in a child process that obeys file modes: every way to read a file of mode 000, and one
