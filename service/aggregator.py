@@ -14,7 +14,7 @@ import pandas as pd
 
 from . import manifest as mf
 from . import output as out
-from .errors import InvalidKey, ObjectNotFound
+from .errors import InvalidKey, ObjectNotFound, ObjectUnreadable
 from .keys import Kind, ignored_reason
 from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
@@ -307,7 +307,7 @@ class Aggregator:
         except ObjectNotFound:
             results.vanished.add(key)  # deleted since it was listed
             return
-        except InvalidKey as exc:
+        except (InvalidKey, ObjectUnreadable) as exc:  # this file only: the run goes on
             results.rejected(key, str(exc))
             return
         try:

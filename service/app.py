@@ -162,7 +162,7 @@ async def _start(state: ServiceState, aggregator: Aggregator, history: HistorySt
                     table, version = committed
                     state.publish(Snapshot(table, version, datetime.now(UTC)))
         except StorageError as exc:
-            logger.warning("object store not available at start-up (%s); retrying in %.0fs", exc, delay)
+            logger.warning("object store not available at start-up (%s); retrying in %.0fs", exc.for_log(), delay)
         else:
             report = await state.runner.run("startup")
             if report.error is None:

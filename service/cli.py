@@ -13,7 +13,7 @@ from . import logs
 from .aggregator import Aggregator, Progress
 from .config import Settings, load_settings
 from .demo import write_demo_data
-from .errors import ConfigError, ServiceError
+from .errors import ConfigError, ServiceError, StorageError
 from .report import RunReport
 from .stores import open_store
 
@@ -27,6 +27,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
+    except StorageError as exc:
+        print(f"error: {exc.for_log()}", file=sys.stderr)
+        return 1
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

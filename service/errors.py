@@ -12,11 +12,31 @@ class ConfigError(ServiceError):
 
 
 class StorageError(ServiceError):
-    """The object store failed or could not be reached."""
+    """The object store failed or could not be reached.
+
+    The message names the operation, the key (relative to the bucket) and the kind of failure: it goes
+    into run reports, which the API shows to anyone. `where` it failed (the endpoint, a file's absolute
+    path, the SDK's own text) is for the service log only.
+    """
+
+    def __init__(self, message: str, *, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+    def for_log(self) -> str:
+        """The message, with where it happened when known."""
+        return f"{self} [{self.where}]" if self.where else str(self)
 
 
 class ObjectNotFound(StorageError):
     """The requested object does not exist."""
+
+
+class ObjectUnreadable(StorageError):
+    """The store refuses this one object (no permission, encrypted with a key we lack, a 4xx on its key).
+
+    Other objects may read fine: a run rejects this file and goes on, unlike a failure of the store.
+    """
 
 
 class InvalidKey(StorageError):

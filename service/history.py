@@ -43,7 +43,7 @@ class HistoryStore:
         try:
             await self._store.put(self.key, body, "application/json")
         except StorageError as exc:
-            logger.warning("could not persist the run history: %s", exc)
+            logger.warning("could not persist the run history: %s", exc.for_log())
 
 
 def _decode(data: bytes, limit: int) -> list[RunReport]:

@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import stat
-import tempfile
+import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import BinaryIO
 
-from .errors import ObjectNotFound, StorageError
-from .storage import ObjectInfo, check_key, check_prefix, exists_by_stat
+from .errors import ObjectNotFound, ObjectUnreadable, StorageError
+from .storage import ObjectInfo, ObjectStream, check_key, check_prefix, exists_by_stat
 
 PAGE_SIZE = 1000
+# The file system refuses this one file (its mode, an ACL, a security module): other files may read fine.
+_REFUSED = frozenset({errno.EACCES, errno.EPERM})
 
 
 class LocalStore:
@@ -36,7 +40,7 @@ class LocalStore:
             await asyncio.to_thread(self._root.mkdir, parents=True, exist_ok=True)
             await asyncio.to_thread(self._tmp.mkdir, parents=True, exist_ok=True)
         except OSError as exc:
-            raise StorageError(f"cannot create {self._root}: {exc.strerror}") from exc
+            raise StorageError(f"cannot create bucket {self._bucket!r}: {_reason(exc)}", where=str(self._root)) from exc
 
     def _path(self, key: str) -> Path:
         return self._root / check_key(key)
@@ -53,6 +57,15 @@ class LocalStore:
         path = self._path(key)
         return await asyncio.to_thread(_read, path, key, max_bytes)
 
+    @contextlib.asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[ObjectStream]:
+        path = self._path(key)
+        handle, size = await asyncio.to_thread(_open_object, path, key)
+        try:
+            yield _FileStream(handle, size, key, path)
+        finally:
+            handle.close()
+
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         path = self._path(key)
         return await asyncio.to_thread(_write_atomic, path, key, data, self._tmp)
@@ -64,7 +77,7 @@ class LocalStore:
         except (FileNotFoundError, NotADirectoryError) as exc:
             raise ObjectNotFound(f"no object {key!r}") from exc
         except OSError as exc:
-            raise StorageError(f"cannot stat {key!r}: {exc.strerror}") from exc
+            raise _error("stat", key, path, exc) from exc
         if not stat.S_ISREG(status.st_mode):
             raise ObjectNotFound(f"no object {key!r}")  # a directory is not an object
         return _info(key, status)
@@ -76,7 +89,7 @@ class LocalStore:
         except (IsADirectoryError, NotADirectoryError):
             return  # not an object: nothing to delete
         except OSError as exc:
-            raise StorageError(f"cannot delete {key!r}: {exc.strerror}") from exc
+            raise _error("delete", key, path, exc) from exc
 
     async def exists(self, key: str) -> bool:
         return await exists_by_stat(self, key)
@@ -92,37 +105,87 @@ def _info(key: str, st: os.stat_result) -> ObjectInfo:
     return ObjectInfo(key=key, etag=etag, size=st.st_size, last_modified=modified)
 
 
-def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
+class _FileStream:
+    """An object's open file, read a chunk at a time in a worker thread."""
+
+    def __init__(self, handle: BinaryIO, size: int, key: str, path: Path) -> None:
+        self._handle = handle
+        self.size = size
+        self._key = key
+        self._path = path
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        remaining = self.size  # a file that grows after opening is served as it was opened
+        while remaining > 0 and (chunk := await asyncio.to_thread(self._read, min(chunk_size, remaining))):
+            remaining -= len(chunk)
+            yield chunk
+
+    def _read(self, size: int) -> bytes:
+        try:
+            return self._handle.read(size)
+        except OSError as exc:
+            raise _error("read", self._key, self._path, exc) from exc
+
+
+def _open_object(path: Path, key: str) -> tuple[BinaryIO, int]:
+    """The object's file, open for reading, and its size."""
     try:
         # Objects are regular files: a symbolic link, which could point anywhere, is not one.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
-        with os.fdopen(fd, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ObjectNotFound(f"no object {key!r}")
-            return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
         raise ObjectNotFound(f"no object {key!r}") from exc
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ObjectNotFound(f"no object {key!r}") from exc
-        raise StorageError(f"cannot read {key!r}: {exc.strerror}") from exc
+        raise _error("read", key, path, exc) from exc
+    try:
+        status = os.fstat(fd)
+    except OSError as exc:
+        os.close(fd)
+        raise _error("read", key, path, exc) from exc
+    if not stat.S_ISREG(status.st_mode):  # a directory, a FIFO, a device
+        os.close(fd)
+        raise ObjectNotFound(f"no object {key!r}")
+    return os.fdopen(fd, "rb"), status.st_size
+
+
+def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
+    handle, _ = _open_object(path, key)
+    with handle:
+        try:
+            return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise _error("read", key, path, exc) from exc
 
 
 def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=tmp_dir)
+        tmp = tmp_dir / uuid.uuid4().hex
+        # Mode 0666 less the umask, like any file the user writes (mkstemp would make it 0600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o666)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
             os.replace(tmp, path)
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            tmp.unlink(missing_ok=True)
             raise
         return _info(key, os.stat(path)).etag
     except OSError as exc:
-        raise StorageError(f"cannot write {key!r}: {exc.strerror}") from exc
+        raise _error("write", key, path, exc) from exc
+
+
+def _error(op: str, key: str, path: Path, exc: OSError) -> StorageError:
+    """`ObjectUnreadable` when reading this one file is refused, else a `StorageError`; the path is logged only."""
+    kind = ObjectUnreadable if op in ("read", "stat") and exc.errno in _REFUSED else StorageError
+    return kind(f"cannot {op} {key!r}: {_reason(exc)}", where=str(path))
+
+
+def _reason(exc: OSError) -> str:
+    # `strerror` never holds the path (`filename` does): "permission denied", "no space left on device".
+    return (exc.strerror or type(exc).__name__).lower()
 
 
 def _sorted_keys(base: Path, prefix: str) -> list[str]:
@@ -147,7 +210,8 @@ def _sorted_keys(base: Path, prefix: str) -> list[str]:
         except FileNotFoundError:
             continue
         except OSError as exc:
-            raise StorageError(f"cannot list {path}: {exc.strerror}") from exc
+            listed = repr(directory) if directory else "the bucket"
+            raise StorageError(f"cannot list {listed}: {_reason(exc)}", where=path) from exc
     keys.sort()
     return keys
 

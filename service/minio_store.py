@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
@@ -15,8 +17,8 @@ from miniopy_async.datatypes import Object
 from miniopy_async.error import InvalidResponseError, MinioException, S3Error, ServerError
 from miniopy_async.helpers import check_bucket_name
 
-from .errors import ObjectNotFound, StorageError
-from .storage import ObjectInfo, check_key, check_prefix, exists_by_stat
+from .errors import ObjectNotFound, ObjectUnreadable, StorageError
+from .storage import ObjectInfo, ObjectStream, check_key, check_prefix, exists_by_stat
 
 T = TypeVar("T")
 
@@ -25,6 +27,15 @@ _BACKOFF_FIRST = 0.1  # seconds before the first retry; doubles each time
 _BACKOFF_MAX = 5.0
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchObject"})
 _BUCKET_TAKEN = frozenset({"BucketAlreadyOwnedByYou", "BucketAlreadyExists"})
+# 4xx answers that are the store's failure, not one object's: credentials, the bucket, throttling.
+_STORE_CODES = frozenset(
+    {
+        "AccountProblem", "AllAccessDisabled", "AuthorizationHeaderMalformed", "ExpiredToken", "InvalidAccessKeyId",
+        "InvalidBucketName", "InvalidToken", "NoSuchBucket", "RequestTimeTooSkewed", "RequestTimeout",
+        "SignatureDoesNotMatch", "SlowDown", "TokenRefreshRequired",
+    }
+)  # fmt: skip
+_STORE_STATUSES = frozenset({408, 429})  # request timeout, too many requests
 # Connection failures, timeouts and broken bodies may succeed on a new attempt; 4xx never do.
 _TRANSIENT = (ConnectionError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 _SDK_ERRORS = (MinioException, aiohttp.ClientError, OSError)
@@ -122,7 +133,7 @@ class MinioStore:
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
         check_key(key)
-        return await self._call("get", key, lambda: self._get_once(key, max_bytes))
+        return await self._call("read", key, lambda: self._get_once(key, max_bytes))
 
     async def _get_once(self, key: str, max_bytes: int | None) -> bytes:
         limit = None if max_bytes is None else max_bytes + 1
@@ -138,6 +149,17 @@ class MinioStore:
         finally:
             response.release()
 
+    @contextlib.asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[ObjectStream]:
+        check_key(key)
+        response = await self._call("read", key, lambda: self._client().get_object(self._bucket, key))
+        try:
+            if response.content_length is None:  # S3 always sends it; a proxy in between might not
+                raise StorageError(f"cannot read {key!r}: no Content-Length", where=f"at {self._endpoint}")
+            yield _ResponseStream(response, response.content_length, lambda exc: self._error("read", key, exc, 1))
+        finally:
+            response.release()  # closes the connection when the body was not read to its end
+
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         check_key(key)
 
@@ -147,7 +169,7 @@ class MinioStore:
             )
             return _unquote(result.etag)
 
-        return await self._call("put", key, put_once)
+        return await self._call("write", key, put_once)
 
     async def stat(self, key: str) -> ObjectInfo:
         check_key(key)
@@ -183,34 +205,77 @@ class MinioStore:
         await asyncio.sleep(delay * random.uniform(0.5, 1.0))
 
     def _error(self, op: str, key: str | None, exc: Exception, attempts: int) -> StorageError:
-        target = f"bucket {self._bucket!r}" if key is None else f"{key!r} in bucket {self._bucket!r}"
+        """The project error for `exc`: what failed in the message, the endpoint and SDK text in `where`."""
+        target = f"bucket {self._bucket!r}" if key is None else repr(key)
         tries = f" after {attempts} attempts" if attempts > 1 else ""
-        # No redaction: nothing here holds the secret key (the SDK signs with it but never reports it), and
-        # replacing a short secret's text would garble every message.
-        message = f"{op} {target} on {self._endpoint} failed{tries}: {self._describe(exc)}"
-        not_found = isinstance(exc, S3Error) and exc.code in _NOT_FOUND
-        return ObjectNotFound(message) if not_found else StorageError(message)
+        message = f"cannot {op} {target}{tries}: {self._describe(exc)}"
+        where = f"bucket {self._bucket!r} at {self._endpoint}: {exc}"
+        if isinstance(exc, S3Error) and exc.code in _NOT_FOUND:
+            return ObjectNotFound(message, where=where)
+        if key is not None and op in ("read", "stat") and _refuses_one_object(exc):
+            return ObjectUnreadable(message, where=where)
+        return StorageError(message, where=where)
 
     def _describe(self, exc: Exception) -> str:
+        """The kind of failure, in words that never name the endpoint (an SDK's own text may)."""
         if isinstance(exc, S3Error):
             return f"{exc.code}: {exc.message}"
         if isinstance(exc, ServerError):
             return f"HTTP status {exc.status_code}"
+        if isinstance(exc, InvalidResponseError):
+            return f"unexpected response (HTTP status {_status(exc)})"
         if isinstance(exc, TimeoutError):
             return f"timed out ({self._timeout:g}s)"
-        if isinstance(exc, InvalidResponseError):
-            return f"unexpected response: {str(exc)[:300]}"
-        return f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, OSError) and exc.errno:  # a refused connection: its text holds the address
+            return f"{type(exc).__name__}: {os.strerror(exc.errno).lower()}"
+        return type(exc).__name__
+
+
+def _status(exc: Exception) -> int | None:
+    """The HTTP status of an error answer from the server; None when there was no answer."""
+    if isinstance(exc, S3Error):
+        return int(exc.response.status)
+    if isinstance(exc, ServerError):
+        return int(exc.status_code)
+    if isinstance(exc, InvalidResponseError):
+        return int(getattr(exc, "_code", 0)) or None
+    return None
+
+
+def _refuses_one_object(exc: Exception) -> bool:
+    """A 4xx answer about the object itself (permission, encryption, an invalid request for it)."""
+    status = _status(exc)
+    if status is None or not 400 <= status < 500 or status in _STORE_STATUSES:
+        return False
+    return not (isinstance(exc, S3Error) and exc.code in _STORE_CODES)
 
 
 def _is_transient(exc: Exception) -> bool:
-    if isinstance(exc, S3Error):
-        return exc.response.status >= 500
-    if isinstance(exc, ServerError):
-        return exc.status_code >= 500
-    if isinstance(exc, InvalidResponseError):
-        return int(getattr(exc, "_code", 0)) >= 500
+    status = _status(exc)
+    if status is not None:
+        return status >= 500
     return isinstance(exc, _TRANSIENT)
+
+
+class _ResponseStream:
+    """The body of a GET, read as it arrives; a broken body is a `StorageError`, never retried (its start
+    may have been passed on already)."""
+
+    def __init__(self, response: aiohttp.ClientResponse, size: int, error: Callable[[Exception], StorageError]) -> None:
+        self._response = response
+        self.size = size
+        self._error = error
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        remaining = self.size  # a body decoded by the client (Content-Encoding) could be longer
+        try:
+            async for chunk in self._response.content.iter_chunked(chunk_size):
+                yield chunk[:remaining]
+                remaining -= len(chunk)
+                if remaining <= 0:
+                    return
+        except _SDK_ERRORS as exc:
+            raise self._error(exc) from exc
 
 
 async def _read_at_most(response: aiohttp.ClientResponse, limit: int | None) -> bytes:

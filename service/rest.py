@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from multidict import MultiMapping
 
 from . import query
-from .errors import BadRequest, InvalidKey, ObjectNotFound
+from .errors import BadRequest, InvalidKey, ObjectNotFound, StorageError
 from .keys import IMAGE_EXTENSIONS
 from .report import Outcome
 from .state import ServiceState
+from .storage import ObjectStream
+
+logger = logging.getLogger(__name__)
 
 STATE = web.AppKey("state", ServiceState)
+IMAGE_CHUNK_BYTES = 256 * 1024
 _FILTER_PARAMS = frozenset({"is_image_exists", "min_age", "max_age"})
 _TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "0"})
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
@@ -86,21 +91,54 @@ async def get_stats(request: web.Request) -> web.Response:
     )
 
 
-async def get_image(request: web.Request) -> web.Response:
+async def get_image(request: web.Request) -> web.StreamResponse:
+    """The user's image, streamed: memory per request stays at one chunk, whatever the image's size."""
     state = request.app[STATE]
-    snapshot = state.current()
     user_id = request.match_info["user_id"]
-    position = snapshot.position(user_id)
-    key = str(snapshot.table["img_path"].iat[position]) if position is not None else ""
-    extension = key.rpartition(".")[2].lower()
-    # Only keys the aggregator took from the source listing are served: nothing outside the prefix.
-    if not key or not key.startswith(state.settings.src_prefix) or extension not in IMAGE_EXTENSIONS:
-        raise ObjectNotFound(f"no image for user {user_id[:100]}")
+    key = _image_key(state, user_id)
+    limit = state.settings.max_image_bytes
     try:
-        data = await state.store.get(key)
+        async with state.store.open(key) as image:
+            if image.size > limit:
+                # 413, not 404: the image exists, and none of it is read.
+                error = f"the image of user {user_id[:100]} is larger than MAX_IMAGE_BYTES ({limit} bytes)"
+                return web.json_response({"error": error}, status=413)
+            return await _send(request, image, key)
     except InvalidKey as exc:  # a hand-edited output with a key the store refuses: nothing to serve
         raise ObjectNotFound(f"no image for user {user_id[:100]}") from exc
-    return web.Response(body=data, content_type=_CONTENT_TYPES[extension], headers={"Cache-Control": "no-cache"})
+
+
+def _image_key(state: ServiceState, user_id: str) -> str:
+    snapshot = state.current()
+    position = snapshot.position(user_id)
+    key = str(snapshot.table["img_path"].iat[position]) if position is not None else ""
+    # Only keys the aggregator took from the source listing are served: nothing outside the prefix.
+    if not key or not key.startswith(state.settings.src_prefix) or _extension(key) not in IMAGE_EXTENSIONS:
+        raise ObjectNotFound(f"no image for user {user_id[:100]}")
+    return key
+
+
+def _extension(key: str) -> str:
+    return key.rpartition(".")[2].lower()
+
+
+async def _send(request: web.Request, image: ObjectStream, key: str) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    response.content_type = _CONTENT_TYPES[_extension(key)]
+    response.content_length = image.size
+    await response.prepare(request)
+    if request.method == hdrs.METH_HEAD:
+        return response
+    try:
+        async for chunk in image.chunks(IMAGE_CHUNK_BYTES):
+            await response.write(chunk)
+    except StorageError as exc:
+        # The status line is out: closing the connection is the only way left to tell the client.
+        logger.warning("image %s cut short: %s", key, exc.for_log())
+        response.force_close()
+        return response
+    await response.write_eof()
+    return response
 
 
 def add_routes(app: web.Application) -> None:

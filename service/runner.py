@@ -83,8 +83,9 @@ class Runner:
         try:
             result = await self._aggregator.run(run_id, trigger, self._progress_for(run_id))
         except StorageError as exc:
+            # The report is public: the endpoint or a file's path is only in the log.
             report = self._failed(run_id, trigger, started, f"object store error: {exc}")
-            logger.warning("run %d (%s) failed: %s", run_id, trigger, report.error)
+            logger.warning("run %d (%s) failed: object store error: %s", run_id, trigger, exc.for_log())
         except Exception:  # an unexpected bug: log it once with its traceback, keep serving
             logger.exception("run %d (%s) failed unexpectedly", run_id, trigger)
             report = self._failed(run_id, trigger, started, "internal error (see the service log)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from datetime import datetime
 from typing import NamedTuple, Protocol
 
@@ -22,6 +23,16 @@ class ObjectInfo(NamedTuple):
     last_modified: datetime  # timezone-aware, UTC
 
 
+class ObjectStream(Protocol):
+    """An object opened for reading: its size is known before any of its content is read."""
+
+    @property
+    def size(self) -> int: ...
+
+    def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        """The content in order, in chunks of at most `chunk_size` bytes and at most `size` bytes in all."""
+
+
 class ObjectStore(Protocol):
     """Bucket-scoped object storage. Every method raises `StorageError` subclasses only."""
 
@@ -36,6 +47,12 @@ class ObjectStore(Protocol):
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """Return the object's content; at most `max_bytes + 1` bytes are read when given."""
+
+    def open(self, key: str) -> AbstractAsyncContextManager[ObjectStream]:
+        """Open the object for streaming (`async with`); leaving the block releases it, read or not.
+
+        For content too large to hold in memory: `get` returns it whole.
+        """
 
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         """Store `data` under `key` atomically (readers see the old or the new object); return the ETag."""

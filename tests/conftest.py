@@ -4,7 +4,10 @@ with thousands of rejected files."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,6 +52,41 @@ async def local_store(tmp_path: Path) -> AsyncIterator[LocalStore]:
     await store.ensure_bucket()
     yield store
     await store.close()
+
+
+# Drops CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2) from the bounding set (PR_CAPBSET_DROP, 24),
+# then execs the command: it runs as root still, so the interpreter under root's home stays usable, but
+# without the capabilities that let root read and search any file whatever its mode.
+_OBEY_FILE_MODES = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+for capability in (1, 2):
+    if libc.prctl(24, capability, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+os.execv(sys.argv[1], sys.argv[1:])
+"""
+Command = list[str]
+
+
+@pytest.fixture(scope="session")
+def obeying_file_modes(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Command], Command]:
+    """Wraps a command so that it runs with file modes enforced, even when the tests run as root.
+
+    A file of mode 000 is what makes a local file unreadable, and root reads it anyway. Skips only when
+    neither the current user nor the wrapper is refused such a file.
+    """
+
+    def wrap(command: Command) -> Command:
+        return command if os.geteuid() != 0 else [sys.executable, "-c", _OBEY_FILE_MODES, *command]
+
+    probe = tmp_path_factory.mktemp("modes") / "mode-000"
+    probe.write_bytes(b"x")
+    probe.chmod(0)
+    check = wrap([sys.executable, "-c", f"open({str(probe)!r}, 'rb')"])
+    result = subprocess.run(check, capture_output=True, text=True, check=False, timeout=60)
+    if "PermissionError" not in result.stderr:
+        pytest.skip(f"no process here is refused a file of mode 000: {result.stderr[-500:]}")
+    return wrap
 
 
 @pytest.fixture(

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 from service.errors import StorageError
-from service.storage import ObjectInfo, ObjectStore
+from service.storage import ObjectInfo, ObjectStore, ObjectStream
 
 
 class Recording:
-    """Delegates to a real store. `gets` lists the keys read; `reads` adds max_bytes and bytes returned."""
+    """Delegates to a real store. `gets` lists the keys read; `reads` adds max_bytes and bytes returned;
+    `streamed` maps each opened key to the sizes of the chunks read from it."""
 
     def __init__(self, inner: ObjectStore, listed_sizes: dict[str, int] | None = None) -> None:
         self.inner = inner
         self.listed_sizes = listed_sizes or {}
         self.gets: list[str] = []
         self.reads: list[tuple[str, int | None, int]] = []
+        self.streamed: dict[str, list[int]] = {}
         self.fail_put: set[str] = set()
 
     @property
@@ -35,6 +38,11 @@ class Recording:
         self.reads.append((key, max_bytes, len(data)))
         return data
 
+    @contextlib.asynccontextmanager
+    async def open(self, key: str) -> AsyncIterator[ObjectStream]:
+        async with self.inner.open(key) as stream:
+            yield RecordedStream(stream, self.streamed.setdefault(key, []))
+
     async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
         if key in self.fail_put:
             raise StorageError(f"injected failure writing {key}")
@@ -51,3 +59,17 @@ class Recording:
 
     async def close(self) -> None:
         return None
+
+
+class RecordedStream:
+    """Passes chunks through, appending the size of each to `sizes`."""
+
+    def __init__(self, inner: ObjectStream, sizes: list[int]) -> None:
+        self._inner = inner
+        self.size = inner.size
+        self._sizes = sizes
+
+    async def chunks(self, chunk_size: int) -> AsyncIterator[bytes]:
+        async for chunk in self._inner.chunks(chunk_size):
+            self._sizes.append(len(chunk))
+            yield chunk

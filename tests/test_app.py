@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import statistics
+import tracemalloc
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -13,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from recording import Recording
 
 from service.app import create_app
 from service.config import Settings
 from service.local_store import LocalStore
 from service.report import REJECTED_SAMPLE
+from service.rest import IMAGE_CHUNK_BYTES
 from service.storage import ObjectStore
 
 if TYPE_CHECKING:
@@ -204,6 +208,69 @@ async def test_images_are_served_and_nothing_else(client: TestClient[Any, Any]) 
         "/images/%2e%2e",
     ):
         assert (await client.get(path)).status == 404
+
+
+def pattern(size: int) -> bytes:
+    """`size` bytes that are not all alike, so that a misplaced chunk would show in a digest."""
+    block = hashlib.sha256(str(size).encode()).digest() * 32768  # 1 MiB
+    return (block * (size // len(block) + 1))[:size]
+
+
+async def image_client(
+    aiohttp_client: ClientFactory, store: ObjectStore, image: bytes, max_image_bytes: int
+) -> tuple[TestClient[Any, Any], Recording]:
+    """The app over `store` (seeded), with user 1004's image replaced by `image`, recording reads."""
+    await seed(store)
+    await store.put("src-data/img/1004.png", image)
+    recording = Recording(store)
+    settings = Settings(schedule=NEVER, max_image_bytes=max_image_bytes)
+    client = await aiohttp_client(create_app(settings, store=recording))
+    await wait_ready(client)
+    return client, recording
+
+
+async def test_a_large_image_is_streamed_with_bounded_memory(aiohttp_client: ClientFactory, store: ObjectStore) -> None:
+    size = 64 * 1024 * 1024
+    image = pattern(size)
+    expected = hashlib.sha256(image).hexdigest()
+    client, recording = await image_client(aiohttp_client, store, image, max_image_bytes=size)
+    del image
+    digest = hashlib.sha256()
+    tracemalloc.start()
+    try:
+        response = await client.get("/images/1004")
+        assert (response.status, response.content_type, response.content_length) == (200, "image/png", size)
+        async for chunk in response.content.iter_chunked(1024 * 1024):
+            digest.update(chunk)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert digest.hexdigest() == expected
+    # Server and client together: a few chunks in flight, never the whole image (64 MiB).
+    assert peak < 8 * 1024 * 1024, f"peak {peak / 2**20:.1f} MiB"
+    assert "src-data/img/1004.png" not in recording.gets
+    chunks = recording.streamed["src-data/img/1004.png"]
+    assert sum(chunks) == size and max(chunks) <= IMAGE_CHUNK_BYTES
+
+
+async def test_an_image_over_the_limit_is_refused_unread(aiohttp_client: ClientFactory, local: LocalStore) -> None:
+    client, recording = await image_client(aiohttp_client, local, pattern(1001), max_image_bytes=1000)
+    response = await client.get("/images/1004")
+    assert (response.status, response.content_type) == (413, "application/json")
+    assert (await response.json())["error"] == "the image of user 1004 is larger than MAX_IMAGE_BYTES (1000 bytes)"
+    assert recording.streamed["src-data/img/1004.png"] == []  # opened for its size, not one byte read
+    assert "src-data/img/1004.png" not in recording.gets
+    await local.put("src-data/img/1004.png", pattern(1000))  # at the limit: served
+    response = await client.get("/images/1004")
+    assert (response.status, await response.read()) == (200, pattern(1000))
+
+
+async def test_head_of_an_image_sends_its_size_only(client: TestClient[Any, Any]) -> None:
+    response = await client.head("/images/1002")
+    assert (response.status, response.content_type) == (200, "image/jpeg")
+    assert response.headers["Content-Length"] == str(len(b"image of 1002"))
+    assert await response.read() == b""
+    assert (await client.get("/images/1002")).status == 200  # the connection is still usable
 
 
 @pytest.mark.parametrize(

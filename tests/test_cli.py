@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,10 +18,12 @@ from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str], wrap: Callable[[list[str]], list[str]] = list
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "API_TOKEN"))} | env
     return subprocess.run(
-        [sys.executable, "-m", "service", *args],
+        wrap([sys.executable, "-m", "service", *args]),
         check=False,
         capture_output=True,
         text=True,
@@ -104,3 +107,34 @@ def test_the_text_report_names_a_sample_of_many_rejected_files() -> None:
     unnamed = 3_000 - REJECTED_SAMPLE
     assert lines[-1] == f"  ... and {unnamed} more (the report names the first {REJECTED_SAMPLE} by key)"
     assert len(lines) < REJECTED_SAMPLE + 10
+
+
+def user_file(tmp_path: Path, user_id: int, first_name: str) -> Path:
+    path = tmp_path / "datalake" / "src-data" / f"{user_id}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"first_name,last_name,birthts\n{first_name},Last,{user_id}\n")
+    return path
+
+
+def test_a_file_the_service_may_not_read_is_rejected_and_the_run_goes_on(
+    tmp_path: Path, obeying_file_modes: Callable[[list[str]], list[str]]
+) -> None:
+    env = {"DATA_DIR": str(tmp_path)}
+    for user_id in (1, 2, 3):
+        user_file(tmp_path, user_id, "Before")
+    first = cli("process", "--json", env=env, wrap=obeying_file_modes)
+    assert first.returncode == 0, first.stderr
+    user_file(tmp_path, 2, "After").chmod(0)  # changed, and no longer readable
+    user_file(tmp_path, 4, "New")
+
+    second = cli("process", "--json", env=env, wrap=obeying_file_modes)
+
+    assert second.returncode == 0, second.stderr
+    report = json.loads(second.stdout)
+    assert report["rejected"] == [
+        {"key": "src-data/2.csv", "reason": "cannot read 'src-data/2.csv': permission denied"}
+    ]
+    assert (report["outcome"], report["added"], report["users"]) == ("succeeded", 1, 4)
+    output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text().splitlines()
+    assert output[1:] == ["1,Before,Last,1,", "2,Before,Last,2,", "3,Before,Last,3,", "4,New,Last,4,"]
+    assert str(tmp_path) not in second.stdout

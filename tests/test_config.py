@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from service.config import DEFAULT_FETCH_CONCURRENCY, Settings, load_settings
+from service.config import DEFAULT_FETCH_CONCURRENCY, DEFAULT_MAX_IMAGE_BYTES, Settings, load_settings
 from service.errors import ConfigError
 
 S3 = {"MINIO_ENDPOINT": "minio:9000", "MINIO_ACCESS_KEY": "access", "MINIO_SECRET_KEY": "s3cr3t-value"}
@@ -20,6 +20,7 @@ def test_defaults() -> None:
     )  # fmt: skip
     assert settings.data_dir == Path("data")
     assert settings.fetch_concurrency == DEFAULT_FETCH_CONCURRENCY
+    assert settings.max_image_bytes == DEFAULT_MAX_IMAGE_BYTES == 20 * 1024 * 1024
     assert not settings.uses_minio
 
 
@@ -48,6 +49,8 @@ def test_minio_settings_and_secrets_hidden() -> None:
         ({"OUTPUT_KEY": "src-data/output.csv"}, "OUTPUT_KEY"),
         ({"SRC_PREFIX": "in", "OUTPUT_KEY": "in/output.csv"}, "OUTPUT_KEY"),
         ({"SCHEDULE": "every minute"}, "SCHEDULE"),
+        ({"MAX_IMAGE_BYTES": "20M"}, "MAX_IMAGE_BYTES"),
+        ({"MAX_IMAGE_BYTES": "0"}, "MAX_IMAGE_BYTES"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -92,3 +95,7 @@ def test_settings_built_in_code_follow_the_same_rules() -> None:
 def test_locations_beside_the_source_prefix() -> None:
     settings = load_settings({"SRC_PREFIX": "in/2024", "OUTPUT_KEY": "in/2024-output.csv"})
     assert (settings.src_prefix, settings.output_key) == ("in/2024/", "in/2024-output.csv")
+
+
+def test_max_image_bytes() -> None:
+    assert load_settings({"MAX_IMAGE_BYTES": "1048576"}).max_image_bytes == 1024 * 1024

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from s3server import free_ports
 
 from service.aggregator import Aggregator, RunResult
 from service.app import scheduled_run
@@ -20,8 +24,10 @@ from service.storage import ObjectStore
 
 if TYPE_CHECKING:
     from conftest import ManyRejected
+from service.minio_store import MinioStore
 
 OUTPUT = "processed_data/output.csv"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 class GatedStore(LocalStore):
@@ -154,3 +160,57 @@ async def test_a_rejection_is_logged_when_it_appears_or_its_reason_changes(
         f"run 3 rejected {keys[1234]}: header lacks birthts (found: first_name, last_name)",
     ]
     await runner.close()
+
+
+async def test_a_failed_run_reports_no_endpoint_the_log_has_it(caplog: pytest.LogCaptureFixture) -> None:
+    endpoint = f"127.0.0.1:{free_ports(1)[0]}"  # nothing listens there
+    store = MinioStore(endpoint, "access", "secret-key-value", "bucket", timeout=1.0, retries=0)
+    runner = runner_for(store, [])
+    try:
+        report = await runner.run("mutation")
+    finally:
+        await runner.close()
+        await store.close()
+    assert report.outcome is Outcome.FAILED
+    assert report.error == (
+        "object store error: cannot stat 'processed_data/output.csv.manifest': ClientConnectorError: connection refused"
+    )
+    assert endpoint in caplog.text and "secret-key-value" not in caplog.text
+
+
+# A run over a bucket with a directory the process may not list, in a child process that obeys file
+# modes; prints the failed run's error (the log goes to stderr).
+_RUN_OVER_A_CLOSED_DIRECTORY = """
+import asyncio, logging, sys
+from pathlib import Path
+from service.aggregator import Aggregator
+from service.local_store import LocalStore
+from service.runner import Runner
+
+async def main(data_dir):
+    store = LocalStore(Path(data_dir), "datalake")
+    aggregator = Aggregator(store, src_prefix="src-data/", output_key="processed_data/output.csv", concurrency=4)
+    print((await Runner(aggregator, lambda result: None).run("mutation")).error)
+
+logging.basicConfig(level=logging.WARNING)
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_failed_run_reports_no_data_dir_the_log_has_it(
+    tmp_path: Path, obeying_file_modes: Callable[[list[str]], list[str]]
+) -> None:
+    store = LocalStore(tmp_path, "datalake")
+    await store.ensure_bucket()
+    await store.put("src-data/1.csv", b"first_name,last_name,birthts\nA,B,1\n")
+    await store.put("src-data/closed/2.csv", b"first_name,last_name,birthts\nC,D,2\n")
+    (tmp_path / "datalake" / "src-data" / "closed").chmod(0)
+    command = obeying_file_modes([sys.executable, "-c", _RUN_OVER_A_CLOSED_DIRECTORY, str(tmp_path)])
+    result = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    # The listing cannot see who is in there: the run fails rather than drop those users.
+    assert result.stdout.strip() == "object store error: cannot list 'src-data/closed/': permission denied"
+    assert f"{tmp_path}/datalake/src-data/closed" in result.stderr
+    assert not await store.exists(OUTPUT)

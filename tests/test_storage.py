@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
+import os
 import socket
+import stat
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from miniopy_async import Minio
+from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
 
-from service.errors import InvalidKey, ObjectNotFound, StorageError
+from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, StorageError
+from service.local_store import LocalStore
 from service.minio_store import MinioStore
 from service.storage import ObjectInfo, ObjectStore
 
 SECRET = "never-show-this-secret-0123456789"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 async def pages_of(store: ObjectStore, prefix: str = "") -> list[list[ObjectInfo]]:
@@ -35,6 +46,17 @@ async def put_all(store: ObjectStore, keys: list[str], concurrency: int = 64) ->
             await store.put(key, key.encode())
 
     await asyncio.gather(*(put(key) for key in keys))
+
+
+async def streamed(store: ObjectStore, key: str, chunk_size: int) -> tuple[int, list[bytes]]:
+    """The size `open` announces and the chunks it yields."""
+    async with store.open(key) as stream:
+        return stream.size, [chunk async for chunk in stream.chunks(chunk_size)]
+
+
+async def opened_size(store: ObjectStore, key: str) -> int:
+    async with store.open(key) as stream:
+        return stream.size
 
 
 # -- contract: every adapter ---------------------------------------------------------------
@@ -130,6 +152,31 @@ async def test_get_reads_at_most_max_bytes_plus_one(store: ObjectStore, max_byte
     assert await store.get("big.csv", max_bytes=max_bytes) == data[:expected]
 
 
+async def test_open_streams_the_object_in_chunks_of_at_most_the_size_asked(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and 4 bytes
+    await store.put("img/1.png", data)
+    size, chunks = await streamed(store, "img/1.png", 64 * 1024)
+    assert size == len(data)
+    assert b"".join(chunks) == data
+    assert all(0 < len(chunk) <= 64 * 1024 for chunk in chunks)
+
+
+async def test_open_an_empty_object(store: ObjectStore) -> None:
+    await store.put("empty.png", b"")
+    assert await streamed(store, "empty.png", 1024) == (0, [])
+
+
+async def test_an_object_opened_and_left_unread_is_released(store: ObjectStore) -> None:
+    data = bytes(range(256)) * 8192  # 2 MiB: more than any socket or read buffer holds
+    await store.put("big.png", data)
+    for _ in range(20):  # a leak of connections or file handles would show as warnings or a stall
+        assert await opened_size(store, "big.png") == len(data)
+    async with store.open("big.png") as stream:
+        first = await anext(aiter(stream.chunks(1000)))
+    assert first == data[:1000]
+    assert await store.get("big.png") == data  # the store is still fine
+
+
 async def test_missing_object(store: ObjectStore) -> None:
     with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
         await store.get("dir/nope.csv")
@@ -137,6 +184,8 @@ async def test_missing_object(store: ObjectStore) -> None:
         await store.get("dir/nope.csv", max_bytes=10)
     with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
         await store.stat("dir/nope.csv")
+    with pytest.raises(ObjectNotFound, match=r"nope\.csv"):
+        await opened_size(store, "dir/nope.csv")
     assert not await store.exists("dir/nope.csv")
     await store.delete("dir/nope.csv")
 
@@ -158,6 +207,8 @@ async def test_a_prefix_is_not_an_object(store: ObjectStore) -> None:
         await store.get("dir")
     with pytest.raises(ObjectNotFound):
         await store.stat("dir")
+    with pytest.raises(ObjectNotFound):
+        await opened_size(store, "dir")
 
 
 @pytest.mark.parametrize("prefix", ["../", "a/../../", "/", "./"])
@@ -171,6 +222,8 @@ async def test_a_listing_never_leaves_the_bucket(store: ObjectStore, prefix: str
 async def test_invalid_keys_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(InvalidKey):
         await store.get(key)
+    with pytest.raises(InvalidKey):
+        await opened_size(store, key)
     with pytest.raises(InvalidKey):
         await store.put(key, b"x")
     with pytest.raises(InvalidKey):
@@ -194,6 +247,84 @@ async def test_last_modified_is_utc_and_recent(store: ObjectStore) -> None:
         assert info.last_modified.utcoffset() == timedelta(0)
         # S3 reports whole seconds (truncated), so allow a little slack below `before`.
         assert before - timedelta(seconds=2) <= info.last_modified <= after + timedelta(seconds=1)
+
+
+# -- local adapter only ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+async def test_written_files_follow_the_umask(local_store: LocalStore, tmp_path: Path, umask: int) -> None:
+    previous = os.umask(umask)
+    try:
+        await local_store.put("src-data/1.csv", b"x")
+        await local_store.put("src-data/1.csv", b"y")  # a replaced file too
+        await local_store.put("processed_data/output.csv", b"z")
+    finally:
+        os.umask(previous)
+    root = tmp_path / "data" / "bucket"
+    for key in ("src-data/1.csv", "processed_data/output.csv"):
+        assert stat.S_IMODE((root / key).stat().st_mode) == 0o666 & ~umask, key
+
+
+# Run in a child process that obeys file modes: every way to read a file of mode 000, and one
+# readable file beside it. Prints {call: [exception type or "ok", message or content]}.
+_READ_MODE_000 = """
+import asyncio, json, sys
+from pathlib import Path
+from service.local_store import LocalStore
+
+async def outcome(call):
+    try:
+        return ["ok", (await call()).decode()]
+    except Exception as exc:
+        return [type(exc).__name__, str(exc)]
+
+async def main(data_dir):
+    store = LocalStore(Path(data_dir), "bucket")
+
+    async def streamed(key):
+        async with store.open(key) as stream:
+            return b"".join([chunk async for chunk in stream.chunks(4)])
+
+    async def stat(key):
+        return (await store.stat(key)).key.encode()
+
+    calls = {
+        "get": lambda: store.get("src-data/2.csv"),
+        "get at most": lambda: store.get("src-data/2.csv", max_bytes=10),
+        "open": lambda: streamed("src-data/2.csv"),
+        "stat in a closed directory": lambda: stat("closed/3.csv"),
+        "readable": lambda: streamed("src-data/1.csv"),
+    }
+    print(json.dumps({name: await outcome(call) for name, call in calls.items()}))
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_a_file_without_read_permission_is_unreadable_not_a_store_failure(
+    local_store: LocalStore, tmp_path: Path, obeying_file_modes: Callable[[list[str]], list[str]]
+) -> None:
+    await local_store.put("src-data/1.csv", b"one")
+    await local_store.put("src-data/2.csv", b"two")
+    await local_store.put("closed/3.csv", b"three")
+    data_dir = tmp_path / "data"
+    (data_dir / "bucket" / "src-data" / "2.csv").chmod(0)
+    (data_dir / "bucket" / "closed").chmod(0o600)  # no search permission: its files cannot even be stat'ed
+    command = obeying_file_modes([sys.executable, "-c", _READ_MODE_000, str(data_dir)])
+    result = await asyncio.to_thread(
+        subprocess.run, command, cwd=ROOT, capture_output=True, text=True, check=False, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    refused = ["ObjectUnreadable", "cannot read 'src-data/2.csv': permission denied"]
+    assert json.loads(result.stdout) == {
+        "get": refused,
+        "get at most": refused,
+        "open": refused,
+        "stat in a closed directory": ["ObjectUnreadable", "cannot stat 'closed/3.csv': permission denied"],
+        "readable": ["ok", "one"],
+    }
+    assert str(tmp_path) not in result.stdout
 
 
 # -- S3 adapter only -------------------------------------------------------------------------
@@ -227,6 +358,20 @@ async def test_unreachable_endpoint_fails_quickly(closed_port: int) -> None:
     assert "after 3 attempts" in message
     assert SECRET not in message
     assert caught.value.__cause__ is not None
+    assert not isinstance(caught.value, ObjectUnreadable)  # the store failed, not this object
+
+
+async def test_errors_name_the_endpoint_in_the_log_text_only(closed_port: int) -> None:
+    endpoint = f"127.0.0.1:{closed_port}"
+    store = MinioStore(endpoint, "access", SECRET, "bucket", timeout=1.0, retries=0)
+    try:
+        with pytest.raises(StorageError) as caught:
+            await store.get("users/1.csv")
+    finally:
+        await store.close()
+    assert str(caught.value) == "cannot read 'users/1.csv': ClientConnectorError: connection refused"
+    assert endpoint in caught.value.for_log()
+    assert str(closed_port) not in str(caught.value)
 
 
 async def test_every_operation_raises_storage_errors(closed_port: int) -> None:
@@ -281,6 +426,7 @@ async def test_wrong_secret_is_not_retried(seaweed: SeaweedServer) -> None:
     assert "SignatureDoesNotMatch" in str(caught.value)
     assert SECRET not in str(caught.value)
     assert "attempts" not in str(caught.value)
+    assert not isinstance(caught.value, ObjectUnreadable)  # bad credentials fail every object: the store's fault
 
 
 @pytest.mark.s3
@@ -291,7 +437,35 @@ async def test_missing_bucket_is_not_a_missing_object(seaweed: SeaweedServer) ->
             await store.get("users/1.csv")
     finally:
         await store.close()
-    assert not isinstance(caught.value, ObjectNotFound)
+    assert not isinstance(caught.value, ObjectNotFound | ObjectUnreadable)
+
+
+async def put_with_customer_key(server: SeaweedServer, bucket: str, key: str, data: bytes) -> None:
+    """Upload with SSE-C: the server keeps only a hash of the key, and refuses reads that lack it."""
+    async with Minio(server.endpoint, server.access_key, server.secret_key, secure=False) as client:
+        await client.put_object(bucket, key, io.BytesIO(data), len(data), sse=SseCustomerKey(b"k" * 32))
+
+
+@pytest.mark.s3
+async def test_an_object_encrypted_with_a_customer_key_is_unreadable(
+    seaweed: SeaweedServer, minio_store: MinioStore
+) -> None:
+    await minio_store.put("src-data/1.csv", b"plain")
+    await put_with_customer_key(seaweed, minio_store.bucket, "src-data/2.csv", b"sealed")
+    assert sorted(await listed(minio_store)) == ["src-data/1.csv", "src-data/2.csv"]
+    reads: list[Callable[[], Awaitable[object]]] = [
+        lambda: minio_store.get("src-data/2.csv"),
+        lambda: minio_store.get("src-data/2.csv", max_bytes=10),
+        lambda: opened_size(minio_store, "src-data/2.csv"),
+        lambda: minio_store.stat("src-data/2.csv"),
+    ]
+    for read in reads:
+        began = time.monotonic()
+        with pytest.raises(ObjectUnreadable, match=r"^cannot (read|stat) 'src-data/2\.csv': ") as caught:
+            await read()
+        assert time.monotonic() - began < 1.0  # a 4xx: not retried
+        assert seaweed.endpoint not in str(caught.value) and seaweed.endpoint in caught.value.for_log()
+    assert await minio_store.get("src-data/1.csv") == b"plain"
 
 
 @pytest.mark.s3
