@@ -23,6 +23,8 @@ from .storage import ObjectInfo, ObjectStore
 
 logger = logging.getLogger(__name__)
 
+UNREADABLE_PREFIX = "unreadable, read again every run: "
+
 
 @dataclass(frozen=True, slots=True)
 class Progress:
@@ -259,7 +261,10 @@ class Aggregator:
     ) -> tuple[pd.DataFrame, int, _Results]:
         """List the prefix; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
         # A file rejected only for a future birthts may become valid with time: fetch it again.
-        diff = mf.Diff(previous, refetch=previous["reason"].str.endswith(FUTURE_SUFFIX).to_numpy())
+        # So may a file the store refused to hand over (its permissions or encryption may be fixed).
+        reasons = previous["reason"]
+        refetch = reasons.str.endswith(FUTURE_SUFFIX) | reasons.str.startswith(UNREADABLE_PREFIX)
+        diff = mf.Diff(previous, refetch=refetch.to_numpy())
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._concurrency * 2)
         results = _Results()
         pages: list[pd.DataFrame] = []
@@ -307,8 +312,11 @@ class Aggregator:
         except ObjectNotFound:
             results.vanished.add(key)  # deleted since it was listed
             return
-        except (InvalidKey, ObjectUnreadable) as exc:  # this file only: the run goes on
+        except InvalidKey as exc:  # this file only: the run goes on
             results.rejected(key, str(exc))
+            return
+        except ObjectUnreadable as exc:  # the same, but a fix (permissions, a key) does not change its ETag
+            results.rejected(key, f"{UNREADABLE_PREFIX}{exc}")
             return
         try:
             record = parse_user_csv(data, now_ms)

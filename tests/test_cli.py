@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from service.aggregator import UNREADABLE_PREFIX
 from service.cli import format_report
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
@@ -124,7 +125,8 @@ def test_a_file_the_service_may_not_read_is_rejected_and_the_run_goes_on(
         user_file(tmp_path, user_id, "Before")
     first = cli("process", "--json", env=env, wrap=obeying_file_modes)
     assert first.returncode == 0, first.stderr
-    user_file(tmp_path, 2, "After").chmod(0)  # changed, and no longer readable
+    closed = user_file(tmp_path, 2, "After")
+    closed.chmod(0)  # changed, and no longer readable
     user_file(tmp_path, 4, "New")
 
     second = cli("process", "--json", env=env, wrap=obeying_file_modes)
@@ -132,9 +134,15 @@ def test_a_file_the_service_may_not_read_is_rejected_and_the_run_goes_on(
     assert second.returncode == 0, second.stderr
     report = json.loads(second.stdout)
     assert report["rejected"] == [
-        {"key": "src-data/2.csv", "reason": "cannot read 'src-data/2.csv': permission denied"}
+        {"key": "src-data/2.csv", "reason": f"{UNREADABLE_PREFIX}cannot read 'src-data/2.csv': permission denied"}
     ]
     assert (report["outcome"], report["added"], report["users"]) == ("succeeded", 1, 4)
     output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text().splitlines()
     assert output[1:] == ["1,Before,Last,1,", "2,Before,Last,2,", "3,Before,Last,3,", "4,New,Last,4,"]
     assert str(tmp_path) not in second.stdout
+
+    closed.chmod(0o644)  # fixed: the file's ETag does not change, but it is read again
+    third = json.loads(cli("process", "--json", env=env, wrap=obeying_file_modes).stdout)
+    assert (third["rejected"], third["updated"]) == ([], 1)
+    output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text().splitlines()
+    assert output[2] == "2,After,Last,2,"
