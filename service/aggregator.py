@@ -277,13 +277,14 @@ class Aggregator:
         async def produce() -> None:
             async for page in self._store.list(self._prefix):
                 frame, ignored = mf.listing_frame(page)
+                frame, changed = diff.compare(frame)
                 pages.append(frame)
                 counts["listed"] += len(page)
                 for key in ignored:  # a source file's name that breaks a key rule is refused with its reason
                     if (reason := ignored_reason(key)) is not None:
                         results.misnamed[key] = reason
                 counts["ignored"] += len(ignored)
-                changed = (frame["kind"] == Kind.CSV.value).to_numpy() & diff.changed(frame)
+                changed &= (frame["kind"] == Kind.CSV.value).to_numpy()
                 too_big = changed & (frame["size"].to_numpy() > MAX_CSV_BYTES)
                 for key in frame["key"].to_numpy()[too_big]:
                     results.rejected(str(key), f"file is larger than {MAX_CSV_BYTES} bytes (not downloaded)")

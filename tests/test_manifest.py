@@ -234,11 +234,14 @@ def test_diff_finds_new_changed_and_refetched_objects_and_shares_strings() -> No
     diff = mf.Diff(previous, refetch=(previous["key"] == "s/3.csv").to_numpy())
     page = listing(*((f"s/{n}.csv", etag, "csv") for n, etag in [(1, "a"), (2, "b2"), (3, "c"), (4, "d")]))
     fresh_key = page["key"].iloc[0]
-    assert diff.changed(page).tolist() == [False, True, True, True]
-    reused = page["key"].iloc[0]
+    shared, changed = diff.compare(page)
+    assert changed.tolist() == [False, True, True, True]
+    reused = shared["key"].iloc[0]
     assert reused == fresh_key and reused is previous["key"].iloc[0] and reused is not fresh_key
-    assert page["user_id"].iloc[0] is previous["user_id"].iloc[0]
-    assert mf.Diff(mf.empty(), np.zeros(0, dtype=bool)).changed(page).all()
+    assert shared["user_id"].iloc[0] is previous["user_id"].iloc[0]
+    assert page["key"].iloc[0] is fresh_key  # the page itself is left as it was
+    pd.testing.assert_frame_equal(shared, page)
+    assert mf.Diff(mf.empty(), np.zeros(0, dtype=bool)).compare(page)[1].all()
 
 
 def test_compare_counts_added_updated_removed_and_unchanged_users() -> None:
