@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -41,12 +42,22 @@ METRICS = web.AppKey("metrics", Metrics)
 HISTORY_LIMIT = 100
 _ACK: UnsetType = UNSET  # a plain connection_ack
 MAX_REQUEST_BYTES = 256 * 1024
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the response
 _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
     async def get_context(self, request: web.Request, response: web.StreamResponse) -> Context:
         return Context(state=request.app[STATE], request=request, response=response)
+
+    def decode_json(self, data: str | bytes) -> object:
+        # json's parser recurses once per nested array or object: 100,000 "[" would be a RecursionError
+        # (a 500, or a websocket torn down with a traceback). As invalid JSON it is a 400, or close 4400.
+        try:
+            return super().decode_json(data)
+        except RecursionError:
+            text = data.decode(errors="replace") if isinstance(data, bytes) else data
+            raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
     def parse_json(self, data: str | bytes) -> object:
         parsed = super().parse_json(data)
@@ -198,3 +209,9 @@ async def _errors(
         message = "object store error" if status == 502 else str(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return web.json_response({"error": message}, status=status, headers=headers)
+    except ConnectionError:
+        if request.transport is not None:
+            raise
+        # The client hung up before its body was read: its mistake, not the server's. Nobody will read
+        # this response; its status is what the access log and the metrics record.
+        return web.Response(status=CLIENT_CLOSED_REQUEST, reason="Client Closed Request")

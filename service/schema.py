@@ -37,7 +37,10 @@ from .state import ServiceState
 
 Long = NewType("Long", int)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_EXPECTED_ERRORS = (BadRequest, NotReady, Unauthorized, RunnerClosed)
+# Raised on purpose, with a message for the client. graphql-core reports the client's mistakes that it
+# finds itself (a variable whose value does not coerce, a missing required variable) as a GraphQLError
+# wrapping another GraphQLError.
+_EXPECTED_ERRORS = (GraphQLError, BadRequest, NotReady, Unauthorized, RunnerClosed)
 
 
 @dataclass
@@ -273,6 +276,7 @@ def _origin(request: web.Request) -> str:
 
 
 def _should_mask(error: GraphQLError) -> bool:
+    """Only an exception nobody raised on purpose is hidden from the client (and logged)."""
     original = error.original_error
     return original is not None and not isinstance(original, _EXPECTED_ERRORS)
 
