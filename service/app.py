@@ -83,7 +83,9 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
     app.cleanup_ctx.append(_lifecycle)
-    schema = build_schema([metrics.extension()], introspection=settings.introspection)
+    schema = build_schema(
+        [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
+    )
     view = ServiceGraphQLView(
         schema=schema,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),

@@ -14,6 +14,7 @@ from cronsim import CronSim, CronSimError
 from .errors import ConfigError
 
 DEFAULT_FETCH_CONCURRENCY = 64
+DEFAULT_MAX_PAGE_SIZE = 10_000
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?$")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
@@ -38,7 +39,7 @@ class Settings:
     port: int = 8080
     schedule: str = "*/5 * * * *"
     api_token: str | None = field(default=None, repr=False)
-    max_page_size: int = 10_000
+    max_page_size: int = DEFAULT_MAX_PAGE_SIZE
     log_format: str = "text"
     introspection: bool = True
 
@@ -75,7 +76,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=_int(env, "PORT", 8080, 0, 65535),
         schedule=_schedule(env),
         api_token=_text(env, "API_TOKEN"),
-        max_page_size=_int(env, "MAX_PAGE_SIZE", 10_000, 1, 1_000_000),
+        max_page_size=_int(env, "MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE, 1, 1_000_000),
         log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
         introspection=_bool(env, "GRAPHQL_INTROSPECTION", default=True),
     )

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import NewType
+from typing import Any, NewType
 from urllib.parse import quote
 
 import strawberry
@@ -26,9 +27,11 @@ from strawberry.extensions import (
 from strawberry.extensions.max_aliases import create_validator as max_aliases_rule
 from strawberry.extensions.query_depth_limiter import create_validator as max_depth_rule
 from strawberry.schema.config import StrawberryConfig
-from strawberry.types import ExecutionContext
+from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types.graphql import OperationType
 
 from . import events, output, query
+from .config import DEFAULT_MAX_PAGE_SIZE
 from .errors import BadRequest, NotReady, Unauthorized
 from .guards import DocumentGuard
 from .report import RunReport
@@ -170,19 +173,6 @@ def _filter(flt: UserFilter | None) -> query.UserFilter:
     return flt.to_query() if flt is not None else query.UserFilter()
 
 
-def _page_bounds(limit: int | None, offset: int, total: int, maximum: int) -> slice:
-    if offset < 0:
-        raise BadRequest(f"offset must not be negative, got {offset}")
-    if limit is not None and not 0 <= limit <= maximum:
-        raise BadRequest(f"limit must be between 0 and {maximum}, got {limit}; paginate with offset")
-    if limit is None and total - offset > maximum:
-        raise BadRequest(
-            f"{total - offset} users match, more than the page size {maximum}: pass limit "
-            f"(at most {maximum}) and offset to paginate; stats(filter).count gives the total"
-        )
-    return slice(offset, offset + (limit if limit is not None else maximum))
-
-
 @strawberry.type
 class Query:
     @strawberry.field(description="Users matching the filter, ordered by userId.")
@@ -190,11 +180,15 @@ class Query:
         self, info: Info, filter: UserFilter | None = None, limit: int | None = None, offset: int = 0
     ) -> list[User]:
         state, today = info.context.state, query.today_utc()
-        snapshot = state.current()
-        positions = query.select(snapshot, _filter(filter), today)
-        window = _page_bounds(limit, offset, len(positions), state.settings.max_page_size)
+        snapshot, maximum = state.current(), state.settings.max_page_size
+        page = query.page(query.select(snapshot, _filter(filter), today), limit, offset, maximum)
+        if limit is None and page.next_offset is not None:
+            raise BadRequest(
+                f"{page.total - offset} users match, more than the page size {maximum}: pass limit "
+                f"(at most {maximum}) and offset to paginate; stats(filter).count gives the total"
+            )
         origin = _origin(info.context.request)
-        return [User.from_row(row, origin) for row in query.users(snapshot, positions[window], today)]
+        return [User.from_row(row, origin) for row in query.users(snapshot, page.positions, today)]
 
     @strawberry.field(description="One user by id, null when unknown.")
     def user(self, info: Info, user_id: strawberry.ID) -> User | None:
@@ -282,6 +276,30 @@ def _should_mask(error: GraphQLError) -> bool:
 
 
 class ServiceSchema(strawberry.Schema):
+    async def execute(  # noqa: PLR0917 - Strawberry's signature
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """Queries that may select `users` run in a worker thread. graphql-core completes every field of
+        every row in Python, ~0.3 s for a full page: on the event loop, every other request (`/healthz`
+        too) would wait. The rest stays on the loop, which answers small queries sooner than a thread:
+        a document without the word `users` cannot select that field, and one that may hold a mutation
+        (whose resolver is async) or a subscription needs the loop. The words may also be names, strings
+        or comments: such a document merely runs where it did before."""
+        arguments = (
+            query, variable_values, context_value, root_value, operation_name, allowed_operation_types,
+            operation_extensions,
+        )  # fmt: skip
+        if query is None or "users" not in query or "mutation" in query or "subscription" in query:
+            return await super().execute(*arguments)
+        return await asyncio.to_thread(self.execute_sync, *arguments)
+
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         # Client mistakes are answered, not logged; only unexpected errors reach the log (once).
         unexpected = [error for error in errors if _should_mask(error)]
@@ -296,9 +314,13 @@ _VALIDATION_RULES: list[type[ASTValidationRule]] = [max_depth_rule(8, None, None
 
 
 def build_schema(
-    extensions: Iterable[Callable[[], SchemaExtension]] = (), *, introspection: bool = True
+    extensions: Iterable[Callable[[], SchemaExtension]] = (),
+    *,
+    introspection: bool = True,
+    max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
 ) -> strawberry.Schema:
-    """The schema with its safety limits; `extensions` are added (e.g. metrics)."""
+    """The schema with its safety limits; `extensions` are added (e.g. metrics). `max_page_size` also
+    bounds the user rows of one operation, all its `users` fields together."""
     limits: list[Callable[[], SchemaExtension]] = [] if introspection else [DisableIntrospection]
     return ServiceSchema(
         query=Query,
@@ -316,7 +338,7 @@ def build_schema(
             },
         ),
         extensions=[  # factories: a fresh extension per operation, caches shared at module level
-            DocumentGuard,  # before the validation-time limiters
+            partial(DocumentGuard, max_rows=max_page_size),  # before the validation-time limiters
             partial(ParserCache, maxsize=4096),
             partial(ValidationCache, maxsize=4096),
             partial(AddValidationRules, _VALIDATION_RULES),

@@ -725,6 +725,11 @@ BAD_PARAMS = [
     ("min_age=30&max_age=20", "min_age"),
     ("MIN_AGE=3", "MIN_AGE"),
     ("min_age[]=3", "min_age[]"),
+    ("limit=-1", "limit"),  # /stats has no pages: there, limit and offset are unknown parameters
+    ("limit=" + "9" * 5000, "limit"),
+    ("limit=2&limit=3", "limit"),
+    ("offset=1.5", "offset"),
+    ("offset=99999999999", "offset"),
 ]
 
 
