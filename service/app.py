@@ -8,7 +8,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import aiocron
@@ -48,7 +48,8 @@ _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
     async def get_context(self, request: web.Request, response: web.StreamResponse) -> Context:
-        return Context(state=request.app[STATE], request=request, response=response)
+        authorization = request.headers.get("Authorization")
+        return Context(state=request.app[STATE], request=request, response=response, authorization=authorization)
 
     def decode_json(self, data: str | bytes) -> object:
         # json's parser recurses once per nested array or object: 100,000 "[" would be a RecursionError
@@ -66,13 +67,26 @@ class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
         return parsed
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
-        # With API_TOKEN set, subscriptions need {"Authorization": "Bearer <token>"} in connection_init.
-        given = (context.connection_params or {}).get("Authorization")
+        # A websocket authenticates once, when it opens: with API_TOKEN set, a connection without the
+        # token is refused, and the accepted credentials then authorize its mutations too.
+        given = _payload_authorization(context.connection_params) or context.authorization
         try:
-            context.state.authorize(given if isinstance(given, str) else None)
+            context.state.authorize(given)
         except Unauthorized as exc:
             raise ConnectionRejectionError({"message": str(exc)}) from exc
+        context.authorization = given
         return _ACK
+
+
+def _payload_authorization(payload: Mapping[str, object] | None) -> str | None:
+    """`Authorization` from a connection_init payload: `{"Authorization": "Bearer <token>"}`, or under
+    `"headers"` for clients that send their HTTP headers there; the key in any case, as in HTTP."""
+    for scope in (payload, (payload or {}).get("headers")):
+        if isinstance(scope, Mapping):
+            for key, value in scope.items():
+                if isinstance(key, str) and key.lower() == "authorization" and isinstance(value, str):
+                    return value
+    return None
 
 
 def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Application:

@@ -52,6 +52,9 @@ class Context:
     request: web.Request
     response: web.StreamResponse | None = None
     connection_params: dict[str, object] | None = None  # the websocket handshake's payload
+    # What `reprocess` checks: the request's Authorization header or, on a websocket, the credentials
+    # its connection_init presented (one context serves every operation of a connection).
+    authorization: str | None = None
 
 
 Info = strawberry.Info[Context, None]
@@ -221,7 +224,7 @@ class Mutation:
     @strawberry.mutation(description="Run the aggregation now; returns a run that started after this call.")
     async def reprocess(self, info: Info) -> ProcessingRun:
         state = info.context.state
-        state.authorize(info.context.request.headers.get("Authorization"))
+        state.authorize(info.context.authorization)
         return ProcessingRun.from_report(await state.runner.run("mutation"))
 
 
