@@ -21,7 +21,7 @@ _FILTER_PARAMS = frozenset({"is_image_exists", "min_age", "max_age"})
 _PAGE_PARAMS = frozenset({"limit", "offset"})
 _TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "0"})
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
-_MAX_OFFSET = 2**31 - 1  # as in GraphQL, whose Int is 32-bit
+_MAX_INT = 2**31 - 1  # limit and offset: the range of a GraphQL Int
 _ENCODED_AT_ONCE = 1000  # rows
 
 
@@ -66,18 +66,18 @@ def _natural(params: Mapping[str, str], name: str, most: int) -> int | None:
 
 
 async def get_data(request: web.Request) -> web.Response:
-    """A JSON array of output rows, one page of them: without `limit`, the first MAX_PAGE_SIZE. The
-    headers give the total (`X-Total-Count`) and, unless this is the last page, the next (`Link`)."""
+    """A JSON array of output rows, one page of them (without `limit`, MAX_PAGE_SIZE rows). The headers
+    give the number of matching rows (`X-Total-Count`) and, unless this is the last page, the next (`Link`)."""
     state, params = request.app[STATE], request.query
     flt = parse_filter(params, _FILTER_PARAMS | _PAGE_PARAMS)
-    limit, offset = _natural(params, "limit", _MAX_OFFSET), _natural(params, "offset", _MAX_OFFSET) or 0
+    limit, offset = _natural(params, "limit", _MAX_INT), _natural(params, "offset", _MAX_INT) or 0
     page, body = await asyncio.to_thread(
         _records, state.current(), flt, limit=limit, offset=offset, maximum=state.settings.max_page_size
     )
     headers = {"X-Total-Count": str(page.total)}
     if page.next_offset is not None:
         headers["Link"] = f'<{request.rel_url.update_query(offset=page.next_offset)}>; rel="next"'
-    return web.Response(body=body, content_type="application/json", headers=headers)
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers=headers)
 
 
 def _records(

@@ -343,6 +343,7 @@ async def test_rest_data_comes_in_pages_with_the_total_and_the_next_page(client:
     first = await client.get("/data")  # 7 users, page size 5
     assert [r["user_id"] for r in await first.json()] == ids[:5]
     assert (first.headers["X-Total-Count"], first.headers["Link"]) == ("7", '</data?offset=5>; rel="next"')
+    assert first.headers["Content-Type"] == "application/json; charset=utf-8"  # as before paging
     last = await client.get("/data?offset=5")
     assert [r["user_id"] for r in await last.json()] == ids[5:] and "Link" not in last.headers
 
