@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 
 import aiocron
@@ -41,12 +42,23 @@ METRICS = web.AppKey("metrics", Metrics)
 HISTORY_LIMIT = 100
 _ACK: UnsetType = UNSET  # a plain connection_ack
 MAX_REQUEST_BYTES = 256 * 1024
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the response
 _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
     async def get_context(self, request: web.Request, response: web.StreamResponse) -> Context:
-        return Context(state=request.app[STATE], request=request, response=response)
+        authorization = request.headers.get("Authorization")
+        return Context(state=request.app[STATE], request=request, response=response, authorization=authorization)
+
+    def decode_json(self, data: str | bytes) -> object:
+        # json's parser recurses once per nested array or object: 100,000 "[" would be a RecursionError
+        # (a 500, or a websocket torn down with a traceback). As invalid JSON it is a 400, or close 4400.
+        try:
+            return super().decode_json(data)
+        except RecursionError:
+            text = data.decode(errors="replace") if isinstance(data, bytes) else data
+            raise json.JSONDecodeError("nested too deeply", text, 0) from None
 
     def parse_json(self, data: str | bytes) -> object:
         parsed = super().parse_json(data)
@@ -55,13 +67,26 @@ class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
         return parsed
 
     async def on_ws_connect(self, context: Context) -> UnsetType | dict[str, object] | None:
-        # With API_TOKEN set, subscriptions need {"Authorization": "Bearer <token>"} in connection_init.
-        given = (context.connection_params or {}).get("Authorization")
+        # A websocket authenticates once, when it opens: with API_TOKEN set, a connection without the
+        # token is refused, and the accepted credentials then authorize its mutations too.
+        given = _payload_authorization(context.connection_params) or context.authorization
         try:
-            context.state.authorize(given if isinstance(given, str) else None)
+            context.state.authorize(given)
         except Unauthorized as exc:
             raise ConnectionRejectionError({"message": str(exc)}) from exc
+        context.authorization = given
         return _ACK
+
+
+def _payload_authorization(payload: Mapping[str, object] | None) -> str | None:
+    """`Authorization` from a connection_init payload: `{"Authorization": "Bearer <token>"}`, or under
+    `"headers"` for clients that send their HTTP headers there; the key in any case, as in HTTP."""
+    for scope in (payload, (payload or {}).get("headers")):
+        if isinstance(scope, Mapping):
+            for key, value in scope.items():
+                if isinstance(key, str) and key.lower() == "authorization" and isinstance(value, str):
+                    return value
+    return None
 
 
 def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Application:
@@ -72,7 +97,9 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
     app.cleanup_ctx.append(_lifecycle)
-    schema = build_schema([metrics.extension()], introspection=settings.introspection)
+    schema = build_schema(
+        [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
+    )
     view = ServiceGraphQLView(
         schema=schema,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
@@ -198,3 +225,9 @@ async def _errors(
         message = "object store error" if status == 502 else str(exc)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return web.json_response({"error": message}, status=status, headers=headers)
+    except ConnectionError:
+        if request.transport is not None:
+            raise
+        # The client hung up before its body was read: its mistake, not the server's. Nobody will read
+        # this response; its status is what the access log and the metrics record.
+        return web.Response(status=CLIENT_CLOSED_REQUEST, reason="Client Closed Request")

@@ -16,6 +16,7 @@ from .storage import check_key, check_prefix
 
 DEFAULT_FETCH_CONCURRENCY = 64
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_PAGE_SIZE = 10_000
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?$")
 _KEY_RULES = " (no leading '/', no empty, '.' or '..' segments, no backslash)"
 _TRUE = {"1", "true", "yes", "on"}
@@ -41,7 +42,7 @@ class Settings:
     port: int = 8080
     schedule: str = "*/5 * * * *"
     api_token: str | None = field(default=None, repr=False)
-    max_page_size: int = 10_000
+    max_page_size: int = DEFAULT_MAX_PAGE_SIZE
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     log_format: str = "text"
     introspection: bool = True
@@ -79,7 +80,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=_int(env, "PORT", 8080, 0, 65535),
         schedule=_schedule(env),
         api_token=_text(env, "API_TOKEN"),
-        max_page_size=_int(env, "MAX_PAGE_SIZE", 10_000, 1, 1_000_000),
+        max_page_size=_int(env, "MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE, 1, 1_000_000),
         max_image_bytes=_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, 1, 1 << 40),
         log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
         introspection=_bool(env, "GRAPHQL_INTROSPECTION", default=True),

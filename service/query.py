@@ -48,6 +48,29 @@ class Stats:
     without_image: int
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a selection: its rows' positions, how many rows the whole selection has, and where
+    the next page starts (None on the last page)."""
+
+    positions: IntArray
+    total: int
+    next_offset: int | None
+
+
+def page(positions: IntArray, limit: int | None, offset: int, maximum: int) -> Page:
+    """`limit` rows of `positions` from `offset`; without a limit, `maximum` rows. The one paging rule of
+    GraphQL `users` and REST `GET /data`, so both page alike and refuse alike."""
+    if offset < 0:
+        raise BadRequest(f"offset must not be negative, got {offset}")
+    if limit is not None and not 0 <= limit <= maximum:
+        raise BadRequest(f"limit must be between 0 and {maximum}, got {limit}; paginate with offset")
+    end = offset + (maximum if limit is None else limit)
+    rows = positions[offset:end]
+    # An empty page has no next one: limit=0 would otherwise point at itself forever.
+    return Page(rows, len(positions), end if len(rows) and end < len(positions) else None)
+
+
 def today_utc() -> date:
     return datetime.now(UTC).date()
 

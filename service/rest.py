@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Mapping
 
@@ -12,6 +14,7 @@ from . import query
 from .errors import BadRequest, InvalidKey, ObjectNotFound, StorageError
 from .keys import IMAGE_EXTENSIONS
 from .report import Outcome
+from .snapshot import Snapshot
 from .state import ServiceState
 from .storage import ObjectStream
 
@@ -20,22 +23,26 @@ logger = logging.getLogger(__name__)
 STATE = web.AppKey("state", ServiceState)
 IMAGE_CHUNK_BYTES = 256 * 1024
 _FILTER_PARAMS = frozenset({"is_image_exists", "min_age", "max_age"})
+_PAGE_PARAMS = frozenset({"limit", "offset"})
 _TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "0"})
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
+_MAX_INT = 2**31 - 1  # limit and offset: the range of a GraphQL Int
+_ENCODED_AT_ONCE = 1000  # rows
 
 
-def parse_filter(params: MultiMapping[str]) -> query.UserFilter:
-    """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one."""
-    unknown = sorted(set(params) - _FILTER_PARAMS)
+def parse_filter(params: MultiMapping[str], allowed: frozenset[str] = _FILTER_PARAMS) -> query.UserFilter:
+    """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one, or one
+    that is not in `allowed`, or one given twice."""
+    unknown = sorted(set(params) - allowed)
     if unknown:
-        raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(_FILTER_PARAMS))})")
-    repeated = sorted(name for name in _FILTER_PARAMS if len(params.getall(name, [])) > 1)
+        raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
+    repeated = sorted(name for name in allowed if len(params.getall(name, [])) > 1)
     if repeated:
         raise BadRequest(f"{repeated[0]} is given more than once")
     return query.UserFilter(
         has_image=_bool(params, "is_image_exists"),
-        min_age=_age(params, "min_age"),
-        max_age=_age(params, "max_age"),
+        min_age=_natural(params, "min_age", 1000),
+        max_age=_natural(params, "max_age", 1000),
     ).validate(("min_age", "max_age"))
 
 
@@ -50,23 +57,48 @@ def _bool(params: Mapping[str, str], name: str) -> bool | None:
     raise BadRequest(f"{name} must be true or false (or 1/0), got {value[:50]!r}")
 
 
-def _age(params: Mapping[str, str], name: str) -> int | None:
+def _natural(params: Mapping[str, str], name: str, most: int) -> int | None:
+    """A decimal integer from 0 to `most`; its length is checked before `int()` reads it."""
     if name not in params:
         return None
     value = params[name]
     if not value.isascii() or not value.isdigit():
         raise BadRequest(f"{name} must be a non-negative integer, got {value[:50]!r}")
-    if len(value) > 6:
-        raise BadRequest(f"{name} must be between 0 and 1000, got {value[:50]!r}")
-    return int(value)
+    digits = value.lstrip("0") or "0"
+    if len(digits) > len(str(most)) or int(digits) > most:
+        raise BadRequest(f"{name} must be between 0 and {most}, got {value[:50]!r}")
+    return int(digits)
 
 
 async def get_data(request: web.Request) -> web.Response:
-    state, today = request.app[STATE], query.today_utc()
-    snapshot = state.current()
-    positions = query.select(snapshot, parse_filter(request.query), today)
-    rows = snapshot.table.iloc[positions]
-    return web.json_response(rows.to_dict("records"))
+    """A JSON array of output rows, one page of them (without `limit`, MAX_PAGE_SIZE rows). The headers
+    give the number of matching rows (`X-Total-Count`) and, unless this is the last page, the next (`Link`)."""
+    state, params = request.app[STATE], request.query
+    flt = parse_filter(params, _FILTER_PARAMS | _PAGE_PARAMS)
+    limit, offset = _natural(params, "limit", _MAX_INT), _natural(params, "offset", _MAX_INT) or 0
+    page, body = await asyncio.to_thread(
+        _records, state.current(), flt, limit=limit, offset=offset, maximum=state.settings.max_page_size
+    )
+    headers = {"X-Total-Count": str(page.total)}
+    if page.next_offset is not None:
+        headers["Link"] = f'<{request.rel_url.update_query(offset=page.next_offset)}>; rel="next"'
+    return web.Response(body=body, content_type="application/json", charset="utf-8", headers=headers)
+
+
+def _records(
+    snapshot: Snapshot, flt: query.UserFilter, *, limit: int | None, offset: int, maximum: int
+) -> tuple[query.Page, bytes]:
+    """The page and its JSON (as `json.dumps` writes it), made in a thread: 10,000 rows take ~0.1 s."""
+    today = query.today_utc()
+    page = query.page(query.select(snapshot, flt, today), limit, offset, maximum)
+    rows = [  # the output's columns, as the original task's clients expect them
+        {"user_id": r.user_id, "first_name": r.first_name, "last_name": r.last_name, "birthts": r.birthts,
+         "img_path": r.img_path}
+        for r in query.users(snapshot, page.positions, today)
+    ]  # fmt: skip
+    # json.dumps holds the GIL until it returns: encoded a slice at a time, the event loop gets its turns.
+    slices = (json.dumps(rows[at : at + _ENCODED_AT_ONCE])[1:-1] for at in range(0, len(rows), _ENCODED_AT_ONCE))
+    return page, ("[" + ", ".join(slices) + "]").encode()
 
 
 async def post_data(request: web.Request) -> web.Response:

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import NewType
+from typing import Any, NewType
 from urllib.parse import quote
 
+import numpy as np
 import strawberry
 from aiohttp import web
 from graphql import GraphQLError
@@ -26,9 +28,11 @@ from strawberry.extensions import (
 from strawberry.extensions.max_aliases import create_validator as max_aliases_rule
 from strawberry.extensions.query_depth_limiter import create_validator as max_depth_rule
 from strawberry.schema.config import StrawberryConfig
-from strawberry.types import ExecutionContext
+from strawberry.types import ExecutionContext, ExecutionResult
+from strawberry.types.graphql import OperationType
 
 from . import events, output, query
+from .config import DEFAULT_MAX_PAGE_SIZE
 from .errors import BadRequest, NotReady, Unauthorized
 from .guards import DocumentGuard
 from .report import REJECTED_SAMPLE, RunReport
@@ -37,7 +41,10 @@ from .state import ServiceState
 
 Long = NewType("Long", int)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_EXPECTED_ERRORS = (BadRequest, NotReady, Unauthorized, RunnerClosed)
+# Raised on purpose, with a message for the client. graphql-core reports the client's mistakes that it
+# finds itself (a variable whose value does not coerce, a missing required variable) as a GraphQLError
+# wrapping another GraphQLError.
+_EXPECTED_ERRORS = (GraphQLError, BadRequest, NotReady, Unauthorized, RunnerClosed)
 REJECTED_PAGE = 100  # rejectedFiles without a limit: this many, or MAX_PAGE_SIZE if smaller
 
 
@@ -47,6 +54,9 @@ class Context:
     request: web.Request
     response: web.StreamResponse | None = None
     connection_params: dict[str, object] | None = None  # the websocket handshake's payload
+    # What `reprocess` checks: the request's Authorization header or, on a websocket, the credentials
+    # its connection_init presented (one context serves every operation of a connection).
+    authorization: str | None = None
 
 
 Info = strawberry.Info[Context, None]
@@ -181,19 +191,6 @@ def _filter(flt: UserFilter | None) -> query.UserFilter:
     return flt.to_query() if flt is not None else query.UserFilter()
 
 
-def _page_bounds(limit: int | None, offset: int, total: int, maximum: int) -> slice:
-    if offset < 0:
-        raise BadRequest(f"offset must not be negative, got {offset}")
-    if limit is not None and not 0 <= limit <= maximum:
-        raise BadRequest(f"limit must be between 0 and {maximum}, got {limit}; paginate with offset")
-    if limit is None and total - offset > maximum:
-        raise BadRequest(
-            f"{total - offset} users match, more than the page size {maximum}: pass limit "
-            f"(at most {maximum}) and offset to paginate; stats(filter).count gives the total"
-        )
-    return slice(offset, offset + (limit if limit is not None else maximum))
-
-
 @strawberry.type
 class Query:
     @strawberry.field(description="Users matching the filter, ordered by userId.")
@@ -201,11 +198,15 @@ class Query:
         self, info: Info, filter: UserFilter | None = None, limit: int | None = None, offset: int = 0
     ) -> list[User]:
         state, today = info.context.state, query.today_utc()
-        snapshot = state.current()
-        positions = query.select(snapshot, _filter(filter), today)
-        window = _page_bounds(limit, offset, len(positions), state.settings.max_page_size)
+        snapshot, maximum = state.current(), state.settings.max_page_size
+        page = query.page(query.select(snapshot, _filter(filter), today), limit, offset, maximum)
+        if limit is None and page.next_offset is not None:
+            raise BadRequest(
+                f"{page.total - offset} users match, more than the page size {maximum}: pass limit "
+                f"(at most {maximum}) and offset to paginate; stats(filter).count gives the total"
+            )
         origin = _origin(info.context.request)
-        return [User.from_row(row, origin) for row in query.users(snapshot, positions[window], today)]
+        return [User.from_row(row, origin) for row in query.users(snapshot, page.positions, today)]
 
     @strawberry.field(description="One user by id, null when unknown.")
     def user(self, info: Info, user_id: strawberry.ID) -> User | None:
@@ -229,7 +230,8 @@ class Query:
         snapshot = state.current()
         rejected, maximum = snapshot.rejected, state.settings.max_page_size
         size = min(REJECTED_PAGE, maximum) if limit is None else limit
-        window = _page_bounds(size, offset, len(rejected), maximum)
+        found = query.page(np.arange(len(rejected)), size, offset, maximum)  # the paging rule of `users`
+        window = slice(offset, offset + len(found.positions))
         return RejectedFilePage(
             total_count=len(rejected),
             run_id=snapshot.report.run_id if snapshot.report else None,
@@ -254,7 +256,7 @@ class Mutation:
     @strawberry.mutation(description="Run the aggregation now; returns a run that started after this call.")
     async def reprocess(self, info: Info) -> ProcessingRun:
         state = info.context.state
-        state.authorize(info.context.request.headers.get("Authorization"))
+        state.authorize(info.context.authorization)
         return ProcessingRun.from_report(await state.runner.run("mutation"))
 
 
@@ -303,11 +305,36 @@ def _origin(request: web.Request) -> str:
 
 
 def _should_mask(error: GraphQLError) -> bool:
+    """Only an exception nobody raised on purpose is hidden from the client (and logged)."""
     original = error.original_error
     return original is not None and not isinstance(original, _EXPECTED_ERRORS)
 
 
 class ServiceSchema(strawberry.Schema):
+    async def execute(  # noqa: PLR0917 - Strawberry's signature
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        """Queries that may select `users` run in a worker thread. graphql-core completes every field of
+        every row in Python, ~0.3 s for a full page: on the event loop, every other request (`/healthz`
+        too) would wait. The rest stays on the loop, which answers small queries sooner than a thread:
+        a document without the word `users` cannot select that field, and one that may hold a mutation
+        (whose resolver is async) or a subscription needs the loop. The words may also be names, strings
+        or comments: such a document merely runs where it did before."""
+        arguments = (
+            query, variable_values, context_value, root_value, operation_name, allowed_operation_types,
+            operation_extensions,
+        )  # fmt: skip
+        if query is None or "users" not in query or "mutation" in query or "subscription" in query:
+            return await super().execute(*arguments)
+        return await asyncio.to_thread(self.execute_sync, *arguments)
+
     def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
         # Client mistakes are answered, not logged; only unexpected errors reach the log (once).
         unexpected = [error for error in errors if _should_mask(error)]
@@ -322,9 +349,13 @@ _VALIDATION_RULES: list[type[ASTValidationRule]] = [max_depth_rule(8, None, None
 
 
 def build_schema(
-    extensions: Iterable[Callable[[], SchemaExtension]] = (), *, introspection: bool = True
+    extensions: Iterable[Callable[[], SchemaExtension]] = (),
+    *,
+    introspection: bool = True,
+    max_page_size: int = DEFAULT_MAX_PAGE_SIZE,
 ) -> strawberry.Schema:
-    """The schema with its safety limits; `extensions` are added (e.g. metrics)."""
+    """The schema with its safety limits; `extensions` are added (e.g. metrics). `max_page_size` also
+    bounds the user rows of one operation, all its `users` fields together."""
     limits: list[Callable[[], SchemaExtension]] = [] if introspection else [DisableIntrospection]
     return ServiceSchema(
         query=Query,
@@ -342,7 +373,7 @@ def build_schema(
             },
         ),
         extensions=[  # factories: a fresh extension per operation, caches shared at module level
-            DocumentGuard,  # before the validation-time limiters
+            partial(DocumentGuard, max_rows=max_page_size),  # before the validation-time limiters
             partial(ParserCache, maxsize=4096),
             partial(ValidationCache, maxsize=4096),
             partial(AddValidationRules, _VALIDATION_RULES),

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import json
 import statistics
+import threading
 import tracemalloc
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
@@ -16,7 +18,10 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from recording import Recording
+from yarl import URL
 
+from service import query as queries
+from service import rest
 from service.app import create_app
 from service.config import Settings
 from service.local_store import LocalStore
@@ -108,6 +113,20 @@ async def gql(client: TestClient[Any, Any], query: str, headers: dict[str, str] 
     return body
 
 
+async def all_pages(client: TestClient[Any, Any], params: dict[str, str]) -> list[dict[str, Any]]:
+    """Every row of `GET /data`, following its `Link: <...>; rel="next"` headers page by page."""
+    rows: list[dict[str, Any]] = []
+    response = await client.get("/data", params=params)
+    while True:
+        assert response.status == 200, await response.text()
+        rows += await response.json()
+        assert int(response.headers["X-Total-Count"]) >= len(rows)
+        if "Link" not in response.headers:
+            assert int(response.headers["X-Total-Count"]) == len(rows)
+            return rows
+        response = await client.get(URL(response.links["next"]["url"]).relative())
+
+
 def expected(has_image: bool | None, min_age: int | None, max_age: int | None) -> list[str]:
     return [
         uid
@@ -149,7 +168,7 @@ async def test_every_filter_combination_over_graphql_and_rest(client: TestClient
             for k, v in (("is_image_exists", has_image), ("min_age", min_age), ("max_age", max_age))
             if v is not None
         }
-        data = await (await client.get("/data", params=params)).json()
+        data = await all_pages(client, params)
         assert [r["user_id"] for r in data] == want
         stats = await (await client.get("/stats", params=params)).json()
         assert stats["count"] == len(want)
@@ -323,6 +342,104 @@ async def test_pagination(client: TestClient[Any, Any]) -> None:
     assert [[u["userId"] for u in p["data"]["users"]] for p in pages] == [ids[0:3], ids[3:6], ids[6:], []]
     body = await gql(client, "{ users(filter: {isImageExists: true}) { userId } }")  # 4 <= page size
     assert [u["userId"] for u in body["data"]["users"]] == expected(True, None, None)
+
+
+ROW_BUDGET_REFUSED = [
+    "{ a: users(limit: 3) { userId } b: users(limit: 3, offset: 3) { userId } }",
+    "{ a: users(limit: 1) { userId } b: users(filter: {isImageExists: true}) { userId } }",  # no limit: a page
+    "{ ...A ...B } fragment A on Query { a: users(limit: 3) { userId } } "
+    "fragment B on Query { b: users(limit: 3) { userId } }",
+    "{ a: users(limit: 3) { userId } ... on Query { b: users(limit: 3) { userId } } }",
+]
+ROW_BUDGET_ALLOWED = [
+    "{ a: users(limit: 2) { userId } b: users(limit: 3, offset: 2) { userId } stats { count } }",
+    "{ ...A ...A } fragment A on Query { users(limit: 5) { userId } }",  # one field, spread twice
+    "{ users(limit: 5) { userId } users(limit: 5) { firstName } }",  # one response key: one field
+    "{ a: users(limit: 5) { userId } lastRun { users } }",  # ProcessingRun.users is a number
+]
+ALIASED = "query($l: Int = 3) { a: users(limit: $l) { userId } b: users(limit: $l, offset: 3) { userId } }"
+
+
+@pytest.mark.parametrize("query", ROW_BUDGET_REFUSED)
+async def test_one_request_returns_at_most_a_page_of_users_in_all(client: TestClient[Any, Any], query: str) -> None:
+    # 20 aliases of a full page each were within every other limit, and kept the event loop busy for
+    # seconds: the rows of all users fields together are now bounded by the page size, before execution.
+    body = await gql(client, query)
+    assert body["data"] is None
+    message = body["errors"][0]["message"]
+    assert "at most 5 (MAX_PAGE_SIZE" in message and "limit and offset" in message, message
+
+
+@pytest.mark.parametrize("query", ROW_BUDGET_ALLOWED)
+async def test_requests_within_the_row_budget_are_answered(client: TestClient[Any, Any], query: str) -> None:
+    assert "errors" not in await gql(client, query)
+
+
+@pytest.mark.parametrize(
+    ("variables", "allowed"),
+    [({}, False), ({"l": 2}, True), ({"l": 2.0}, True), ({"l": 3.0}, False), ({"l": None}, False)],
+)
+async def test_the_row_budget_reads_limits_from_variables(
+    client: TestClient[Any, Any], variables: dict[str, Any], allowed: bool
+) -> None:
+    response = await client.post("/graphql", json={"query": ALIASED, "variables": variables})
+    body = await response.json()
+    if allowed:
+        assert [len(body["data"][key]) for key in "ab"] == [2, 2], body
+    else:
+        assert body["data"] is None and "MAX_PAGE_SIZE" in body["errors"][0]["message"], body
+
+
+async def test_pages_of_users_are_built_off_the_event_loop(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A full page takes a while to build and to complete field by field: the event loop must go on serving.
+    on_the_loop: list[bool] = []
+    build = queries.users
+
+    def spy(*args: Any) -> list[queries.UserRow]:
+        on_the_loop.append(threading.current_thread() is threading.main_thread())
+        return build(*args)
+
+    monkeypatch.setattr(queries, "users", spy)
+    assert len((await gql(client, "{ users(limit: 5) { userId } }"))["data"]["users"]) == 5
+    assert len(await (await client.get("/data")).json()) == 5
+    # A document that may hold a mutation runs on the loop (its resolver is async); this one merely says so.
+    assert len((await gql(client, "{ users(limit: 1) { userId } } # no mutation"))["data"]["users"]) == 1
+    assert on_the_loop == [False, False, True]
+
+
+async def test_rest_data_comes_in_pages_with_the_total_and_the_next_page(client: TestClient[Any, Any]) -> None:
+    ids = sorted(PEOPLE)
+    first = await client.get("/data")  # 7 users, page size 5
+    assert [r["user_id"] for r in await first.json()] == ids[:5]
+    assert (first.headers["X-Total-Count"], first.headers["Link"]) == ("7", '</data?offset=5>; rel="next"')
+    assert first.headers["Content-Type"] == "application/json; charset=utf-8"  # as before paging
+    last = await client.get("/data?offset=5")
+    assert [r["user_id"] for r in await last.json()] == ids[5:] and "Link" not in last.headers
+
+    with_image = expected(True, None, None)
+    page = await client.get("/data", params={"is_image_exists": "true", "limit": "2", "offset": "1"})
+    assert [r["user_id"] for r in await page.json()] == with_image[1:3]
+    assert page.headers["X-Total-Count"] == str(len(with_image))
+    assert page.headers["Link"] == '</data?is_image_exists=true&limit=2&offset=3>; rel="next"'
+
+    empty = await client.get("/data?limit=0")
+    assert (await empty.json(), empty.headers["X-Total-Count"], "Link" in empty.headers) == ([], "7", False)
+    beyond = await client.get("/data?offset=100")
+    assert (await beyond.json(), "Link" in beyond.headers) == ([], False)
+
+    too_many = await client.get("/data?limit=6")
+    assert too_many.status == 400
+    assert "limit must be between 0 and 5, got 6; paginate with offset" in (await too_many.json())["error"]
+
+
+async def test_rest_data_encoded_in_slices_is_the_json_of_the_whole_page(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(rest, "_ENCODED_AT_ONCE", 2)  # 5 rows: 3 slices
+    body = await (await client.get("/data")).read()
+    assert body == json.dumps(json.loads(body)).encode() and len(json.loads(body)) == 5
 
 
 async def test_reprocess_picks_up_changes(client: TestClient[Any, Any], local: LocalStore) -> None:

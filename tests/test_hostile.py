@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import ClientSession, WSMsgType, web
 from aiohttp.test_utils import TestClient
 from miniopy_async.error import S3Error
 from recording import Recording
@@ -34,10 +35,11 @@ from s3server import BucketPool, SeaweedServer, free_ports
 import service
 from service import state as service_state
 from service.aggregator import Aggregator
-from service.app import MAX_REQUEST_BYTES, create_app
+from service.app import CLIENT_CLOSED_REQUEST, MAX_REQUEST_BYTES, create_app
 from service.config import Settings, load_settings
 from service.errors import InvalidKey, StorageError
 from service.local_store import LocalStore
+from service.logs import AccessLogger
 from service.minio_store import MinioStore
 from service.parsing import MAX_CSV_BYTES
 from service.report import RunReport
@@ -522,6 +524,7 @@ BAD_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "variables not an object": ("post", {"json": {"query": "{ stats { count } }", "variables": [1]}}),
     "unknown operation name": ("post", {"json": {"query": "query A { stats { count } }", "operationName": "B"}}),
     "over the body limit": ("post", {"data": STATS + b" " * MAX_REQUEST_BYTES, "headers": JSON}),
+    "JSON nested 100,000 deep": ("post", {"data": b"[" * 100_000, "headers": JSON}),  # was a RecursionError: 500
     "PUT": ("put", {"json": {"query": "{ stats { count } }"}}),
     "DELETE": ("delete", {}),
 }
@@ -552,6 +555,85 @@ async def test_get_cannot_run_a_mutation(client: TestClient[Any, Any]) -> None:
         assert response.status in (400, 405)
     after = await client.post("/graphql", json={"query": "{ runs(limit: 50) { id } }"})
     assert len((await after.json())["data"]["runs"]) == runs_before  # nothing ran
+
+
+BAD_VARIABLES = {
+    "a string for an Int": ("query($l: Int) { users(limit: $l) { userId } }", {"l": "5"}, "non-integer value: '5'"),
+    "1e20 for an Int": ("query($l: Int) { users(limit: $l) { userId } }", {"l": 1e20}, "32-bit"),
+    "a nested list for an Int": ("query($l: Int) { users(limit: $l) { userId } }", {"l": [[1]]}, "[[1]]"),
+    "a required variable missing": ("query($u: ID!) { user(userId: $u) { userId } }", {}, "'ID!'"),
+    "a bad input field": (
+        "query($f: UserFilter) { stats(filter: $f) { count } }",
+        {"f": {"minAge": "x"}},
+        "minAge",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_VARIABLES))
+async def test_bad_variables_are_answered_as_request_errors(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture, name: str
+) -> None:
+    # Before: "Internal error." and an ERROR traceback for each such request.
+    caplog.set_level(logging.DEBUG)
+    query, variables, expected = BAD_VARIABLES[name]
+    messages = await refused(await client.post("/graphql", json={"query": query, "variables": variables}))
+    variable = query.partition("$")[2][0]
+    assert f"Variable '${variable}'" in messages and expected in messages, messages
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+async def test_a_websocket_message_nested_too_deeply_closes_the_connection_cleanly(
+    client: TestClient[Any, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    ws = await client.ws_connect("/graphql", protocols=("graphql-transport-ws",))
+    await ws.send_str("[" * 100_000)  # was a RecursionError: a traceback and a dropped connection
+    closing = await ws.receive(timeout=5)
+    assert (closing.type, ws.close_code) == (WSMsgType.CLOSE, 4400)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.fixture
+async def production_server(local: LocalStore) -> AsyncIterator[tuple[str, int]]:
+    """The app served as `python -m service serve` serves it: the aiohttp test server cancels the
+    handler of a request whose client hung up; production lets it run into the lost connection."""
+    app = create_app(Settings(schedule=NEVER, api_token=TOKEN), store=local)
+    runner = web.AppRunner(app, access_log_class=AccessLogger)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield host, port
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_hanging_up_mid_body_is_not_a_server_error(
+    production_server: tuple[str, int], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    host, port = production_server
+    for framing, first in ((b"Content-Length: 1000\r\n", b""), (b"Transfer-Encoding: chunked\r\n", b"400\r\n")):
+        _, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /graphql HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" + framing)
+        writer.write(b"\r\n" + first + b'{"query": "{ stats')
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the handler is waiting for the rest of the body
+        writer.close()
+        await writer.wait_closed()
+    statuses = []
+    for _ in range(100):
+        statuses = [getattr(r, "status", None) for r in caplog.records if r.name == "aiohttp.access"]
+        if len(statuses) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert statuses == [CLIENT_CLOSED_REQUEST] * 2  # was 500, with an ERROR traceback each
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+    async with ClientSession() as http, http.get(f"http://{host}:{port}/metrics") as response:
+        metrics = await response.text()
+    assert 'http_responses_total{method="POST",route="/graphql",status="499"} 2.0' in metrics
+    assert 'status="500"' not in metrics
 
 
 @pytest.mark.parametrize("method", ["post", "get"])
@@ -646,6 +728,11 @@ BAD_PARAMS = [
     ("min_age=30&max_age=20", "min_age"),
     ("MIN_AGE=3", "MIN_AGE"),
     ("min_age[]=3", "min_age[]"),
+    ("limit=-1", "limit"),  # /stats has no pages: there, limit and offset are unknown parameters
+    ("limit=" + "9" * 5000, "limit"),
+    ("limit=2&limit=3", "limit"),
+    ("offset=1.5", "offset"),
+    ("offset=99999999999", "offset"),
 ]
 
 

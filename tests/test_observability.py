@@ -163,6 +163,58 @@ async def test_subscriptions_check_the_token_in_the_handshake(aiohttp_client: Cl
     await allowed.close()
 
 
+async def run_over_websocket(client: TestClient[Any, Any], payload: dict[str, Any], **headers: str) -> Any:
+    """`reprocess` over graphql-transport-ws; the `next` message's payload."""
+    ws = await client.ws_connect("/graphql", protocols=(PROTOCOL,), headers=headers)
+    await ws.send_json({"type": "connection_init", "payload": payload})
+    assert (await ws.receive_json(timeout=5))["type"] == "connection_ack"
+    await ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": "mutation { reprocess { trigger } }"}})
+    result = await ws.receive_json(timeout=10)
+    assert result["type"] == "next", result
+    assert (await ws.receive_json(timeout=5))["type"] == "complete"
+    await ws.close()
+    return result["payload"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "headers"),
+    [
+        ({"Authorization": "Bearer tok-4"}, {}),
+        ({"authorization": "Bearer tok-4"}, {}),
+        ({"headers": {"Authorization": "Bearer tok-4"}}, {}),
+        ({}, {"Authorization": "Bearer tok-4"}),  # on the upgrade request, for clients that can set it
+    ],
+)
+async def test_a_token_given_when_a_websocket_opens_authorizes_its_mutations(
+    aiohttp_client: ClientFactory, local: LocalStore, payload: dict[str, Any], headers: dict[str, str]
+) -> None:
+    # Before: the mutation checked only the upgrade request's header, so a token in connection_init,
+    # the one place a browser can put it, admitted subscriptions but not `reprocess`.
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token="tok-4"), store=local))
+    await wait_ready(client)
+    assert await run_over_websocket(client, payload, **headers) == {"data": {"reprocess": {"trigger": "mutation"}}}
+
+
+@pytest.mark.parametrize(
+    "payload", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": 5}, {"headers": "Bearer tok-4"}]
+)
+async def test_a_websocket_without_the_token_is_refused_before_any_operation(
+    aiohttp_client: ClientFactory, local: LocalStore, payload: dict[str, Any]
+) -> None:
+    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token="tok-4"), store=local))
+    await wait_ready(client)
+    ws = await client.ws_connect("/graphql", protocols=(PROTOCOL,))
+    await ws.send_json({"type": "connection_init", "payload": payload})
+    closing = await ws.receive(timeout=5)
+    assert closing.type in (WSMsgType.CLOSE, WSMsgType.CLOSED) and ws.close_code == 4403
+    runs = (await gql(client, "{ runs { trigger } }"))["data"]["runs"]
+    assert [run["trigger"] for run in runs] == ["startup"]
+
+
+async def test_without_a_configured_token_websocket_mutations_are_open(client: TestClient[Any, Any]) -> None:
+    assert await run_over_websocket(client, {}) == {"data": {"reprocess": {"trigger": "mutation"}}}
+
+
 async def test_legacy_subscription_protocol_is_off(client: TestClient[Any, Any]) -> None:
     ws = await client.ws_connect("/graphql", protocols=("graphql-ws",))
     assert ws.protocol is None or ws.protocol != "graphql-ws"
