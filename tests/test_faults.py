@@ -34,7 +34,7 @@ from test_storage import put_with_customer_key
 
 from service import manifest as mf
 from service import output
-from service.aggregator import Aggregator
+from service.aggregator import UNREADABLE_PREFIX, Aggregator
 from service.app import create_app
 from service.config import Settings
 from service.errors import StorageError
@@ -877,7 +877,7 @@ async def test_an_object_the_store_refuses_is_rejected_and_the_run_goes_on(
     assert (run["outcome"], run["error"], run["added"], run["updated"], run["users"]) == ("SUCCEEDED", None, 1, 1, 6)
     [rejected] = run["rejected"]
     assert rejected["key"] == f"{SRC}2.csv"
-    assert rejected["reason"].startswith(f"cannot read '{SRC}2.csv': InvalidArgument: "), rejected
+    assert rejected["reason"].startswith(f"{UNREADABLE_PREFIX}cannot read '{SRC}2.csv': InvalidArgument: "), rejected
     assert "Customer" in rejected["reason"] and seaweed.endpoint not in rejected["reason"]
     rows = list(csv.reader(io.StringIO((await bucket_store.get(OUTPUT)).decode())))
     assert [row[:2] for row in rows[1:]] == [
