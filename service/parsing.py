@@ -14,6 +14,7 @@ MAX_CSV_BYTES = 1024 * 1024
 REQUIRED_COLUMNS = ("first_name", "last_name", "birthts")
 # Earliest accepted birth date, 1800-01-01T00:00:00Z: older values are typos, not people.
 MIN_BIRTHTS = -5_364_662_400_000
+EARLIEST_BIRTH_YEAR = 1800
 FUTURE_SUFFIX = " is in the future"
 _INTEGER = re.compile(r"^[+-]?[0-9]{1,19}$")
 # One field per match, so that a match starts only where a field starts, never inside quotes: a quoted

@@ -10,6 +10,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
+from .parsing import EARLIEST_BIRTH_YEAR
 from .report import RejectedFiles, RunReport
 
 IntArray = npt.NDArray[np.int64]
@@ -87,9 +88,11 @@ class Snapshot:
         cached = self._age_counts.get(today)
         if cached is not None:
             return cached
-        ages = self.ages(today)
-        lowest = min(0, int(ages.min())) if len(ages) else 0  # a hand-edited output may hold future births
-        width = (int(ages.max()) if len(ages) else 0) - lowest + 1
+        # Every row passed the input rules (born from 1800 to now), so ages are 0 to today.year - 1800.
+        # The bounds are applied anyway: the histogram's size must never follow a value.
+        lowest, highest = 0, today.year - EARLIEST_BIRTH_YEAR
+        ages = np.clip(self.ages(today), lowest, highest)
+        width = highest - lowest + 1
         counts = np.bincount(ages - lowest + width * self.has_image, minlength=2 * width).reshape(2, width)
         counts.setflags(write=False)
         with self._lock:

@@ -155,3 +155,13 @@ def test_stats_equal_a_brute_force_count(
     assert result.average_age == (pytest.approx(statistics.mean(ages)) if ages else None)
     assert (result.min_age, result.max_age) == ((min(ages), max(ages)) if ages else (None, None))
     assert result.with_image == sum(img for _, img in chosen)
+
+
+def test_the_age_histogram_never_grows_with_a_value() -> None:
+    # Rows always pass the input rules before they reach a snapshot; even if one did not, the
+    # histogram behind `stats` keeps its size (a value of -9e18 once made it 9 GB wide).
+    today = date(2026, 6, 1)
+    snapshot = snapshot_of([("1", ms(1990, 1, 1), ""), ("2", -9_000_000_000_000_000_000, "")])
+    lowest, counts = snapshot.age_counts(today)
+    assert lowest == 0 and counts.shape == (2, today.year - 1800 + 1)
+    assert int(counts.sum()) == 2
