@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import manifest as mf
 from . import output as out
+from .config import Settings
 from .errors import InvalidKey, ObjectNotFound, ObjectUnreadable
 from .keys import Kind, ignored_reason
 from .memory import release_free_heap
@@ -43,6 +44,15 @@ class RunResult:
     report: RunReport
     table: pd.DataFrame  # the committed output, for the snapshot
     rejected: RejectedFiles  # all of them, for the snapshot (the report names only a sample)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What the last commit left in the bucket, as served before the first run of a process."""
+
+    table: pd.DataFrame
+    version: int  # 0 when no manifest vouches for the table
+    rejected: RejectedFiles
 
 
 @dataclass
@@ -134,6 +144,14 @@ class Aggregator:
         self._concurrency = concurrency
         self._clock = clock
         self._committed: _Committed | None = None
+        self._version = 0  # the newest commit this process made or read: versions never go back
+
+    @classmethod
+    def from_settings(cls, store: ObjectStore, settings: Settings) -> Aggregator:
+        return cls(
+            store, src_prefix=settings.src_prefix, output_key=settings.output_key,
+            concurrency=settings.fetch_concurrency,
+        )  # fmt: skip
 
     async def run(
         self, run_id: int = 0, trigger: str = "manual", progress: ProgressCallback | None = None
@@ -174,8 +192,8 @@ class Aggregator:
         )
         return RunResult(report=report, table=output, rejected=computed.rejected)
 
-    async def load_committed(self) -> tuple[pd.DataFrame, int] | None:
-        """The committed table and its version (0 when no manifest vouches for it); None when there is none.
+    async def load_committed(self) -> Committed | None:
+        """The committed table, its version and its rejected files; None when there is none.
 
         The manifest is the record of the commit: when it is readable, the table is derived from it,
         whatever happened to the stored output since.
@@ -184,7 +202,8 @@ class Aggregator:
         manifest, header = await self._read_manifest([], now_ms)
         if manifest is not None and header is not None:
             cached = self._committed
-            return (cached.output if cached else out.derive(manifest)), header.version
+            table = cached.output if cached else out.derive(manifest)
+            return Committed(table, header.version, _rejected_files(manifest))
         try:
             data = await self._store.get(self.output_key)
             table, dropped = await asyncio.to_thread(out.from_csv_bytes, data, now_ms)
@@ -195,7 +214,7 @@ class Aggregator:
             return None
         if dropped:
             logger.warning("not serving %d rows of %s that break the input rules", dropped, self.output_key)
-        return table, 0
+        return Committed(table, 0, RejectedFiles.empty())
 
     async def _load_state(self, now_ms: int) -> _State:
         warnings: list[str] = []
@@ -240,6 +259,7 @@ class Aggregator:
             warnings.append(f"manifest {self.manifest_key} is unusable ({exc}): rebuilding from scratch")
             return None, None
         self._committed = _Committed(etag, manifest, header, out.derive(manifest))
+        self._version = max(self._version, header.version)
         return manifest, header
 
     async def _read_seed(self, output: ObjectInfo, warnings: list[str], now_ms: int) -> mf.Seed | None:
@@ -335,7 +355,8 @@ class Aggregator:
         if header is not None and state.output_in_step and not computed.output_changed:
             version, output_etag, written = header.version, header.output_etag, False
         else:
-            version = (header.version if header else 0) + 1
+            # After the manifest was lost, the version continues from the last one this process saw.
+            version = max(header.version if header else 0, self._version) + 1
             data = await asyncio.to_thread(computed.output_bytes)
             output_etag = await self._store.put(self.output_key, data, "text/csv")
             del data  # not held while the manifest is serialized
@@ -347,6 +368,7 @@ class Aggregator:
         else:
             manifest_etag = self._committed.manifest_etag
         self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
+        self._version = version
         return version, written
 
 
@@ -374,7 +396,7 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
     # The output is a function of the manifest: an unchanged one needs no new derivation.
     output = out.derive(manifest) if manifest_changed or state.full_rebuild else state.previous_output
     is_image = (manifest["kind"] == Kind.IMAGE.value).to_numpy()
-    rejected = manifest[(manifest["status"] == mf.REJECTED).to_numpy()]
+    rejected = _rejected_files(manifest, results.misnamed)
     computed = _Computed(
         manifest=manifest,
         output=output,
@@ -383,13 +405,18 @@ def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Comput
         output_changed=(output is not state.previous_output and not output.equals(state.previous_output))
         or _newly_carried(manifest, fresh),
         orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
-        rejected=RejectedFiles.of(
-            [*rejected["key"], *results.misnamed], [*rejected["reason"], *results.misnamed.values()]
-        ),
+        rejected=rejected,
         conflicts=tuple(out.conflicts(manifest)),
     )
     release_free_heap()  # the temporaries of the merge and the derivation, before the commit's own
     return computed
+
+
+def _rejected_files(manifest: pd.DataFrame, misnamed: dict[str, str] | None = None) -> RejectedFiles:
+    """The manifest's rejected files, and the misnamed ones (which the manifest does not record)."""
+    rows = manifest[(manifest["status"] == mf.REJECTED).to_numpy()]
+    extra = misnamed or {}
+    return RejectedFiles.of([*rows["key"], *extra], [*rows["reason"], *extra.values()])
 
 
 def _newly_carried(manifest: pd.DataFrame, fresh: pd.DataFrame) -> bool:

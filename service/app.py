@@ -9,6 +9,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiocron
@@ -29,7 +30,7 @@ from .report import Outcome, RunReport
 from .runner import Runner, RunnerClosed
 from .schema import Context, build_schema
 from .snapshot import Snapshot
-from .state import ServiceState
+from .state import ServiceState, SnapshotBoard
 from .storage import ObjectStore
 from .stores import open_store
 
@@ -96,7 +97,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[SETTINGS] = settings
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
-    app.cleanup_ctx.append(_lifecycle)
+    app.cleanup_ctx.extend([_close_store, _serve_runs, _start_up, _schedule])  # cleaned up in reverse
     schema = build_schema(
         [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
     )
@@ -114,39 +115,69 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     return app
 
 
-async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
+async def _close_store(app: web.Application) -> AsyncIterator[None]:
+    """The object store: opened by `create_app`, closed last."""
+    yield
+    await app[STORE].close()
+
+
+async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
+    """The runner and what it feeds: the served snapshot, run events, metrics and the run history."""
     settings, store, metrics = app[SETTINGS], app[STORE], app[METRICS]
-    aggregator = Aggregator(
-        store, src_prefix=settings.src_prefix, output_key=settings.output_key,
-        concurrency=settings.fetch_concurrency,
-    )  # fmt: skip
+    events = Broadcaster()
+    snapshots = SnapshotBoard(events, metrics)
     history = HistoryStore(store, settings.output_key + ".runs.json", limit=HISTORY_LIMIT)
-    broadcaster = Broadcaster()
 
-    async def on_report(report: RunReport) -> None:
+    async def on_report(report: RunReport, reports: list[RunReport]) -> None:
         metrics.observe_run(report)
-        broadcaster.publish(RunFinished(report))
+        events.publish(RunFinished(report))
         if report.outcome is Outcome.SUCCEEDED:
-            await history.save(list(state.runner.history))
+            await history.save(reports)
 
+    aggregator = Aggregator.from_settings(store, settings)
     runner = Runner(
         aggregator,
-        lambda result: state.publish(_snapshot_of(result)),
+        lambda result: snapshots.publish(_snapshot_of(result)),
         held=True,  # until the run history is restored, so run ids stay unique and ordered
         history=HISTORY_LIMIT,
-        on_progress=_throttled(lambda run_id, p: broadcaster.publish(RunProgress(run_id, p))),
+        on_progress=_throttled(lambda run_id, p: events.publish(RunProgress(run_id, p))),
         on_report=on_report,
     )
-    state = ServiceState(settings, store, runner, broadcaster, metrics)
-    app[STATE] = state
-    startup = asyncio.create_task(_start(state, aggregator, history), name="startup")
-    cron = aiocron.crontab(settings.schedule, func=lambda: scheduled_run(state.runner), start=True, tz=UTC)
+    app[STATE] = ServiceState(settings, store, runner, snapshots, events, metrics)
+    app[STARTUP] = _StartUp(aggregator, history)
+    yield
+    await runner.close()
+
+
+async def _start_up(app: web.Application) -> AsyncIterator[None]:
+    """Load what is committed, then the first run; in the background, so the server answers meanwhile."""
+    task = asyncio.create_task(_start(app[STATE], app[STARTUP]), name="startup")
+    task.add_done_callback(_log_failure)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+async def _schedule(app: web.Application) -> AsyncIterator[None]:
+    """The cron: on every tick, a run (or a share of the one in flight)."""
+    runner = app[STATE].runner
+    cron = aiocron.crontab(app[SETTINGS].schedule, func=lambda: scheduled_run(runner), start=True, tz=UTC)
     yield
     cron.stop()
-    startup.cancel()
-    await asyncio.gather(startup, return_exceptions=True)
-    await state.runner.close()
-    await store.close()
+
+
+@dataclass(frozen=True)
+class _StartUp:
+    aggregator: Aggregator
+    history: HistoryStore
+
+
+STARTUP = web.AppKey("startup", _StartUp)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        logger.error("start-up failed; the service will not become ready", exc_info=exc)
 
 
 async def scheduled_run(runner: Runner) -> None:
@@ -173,27 +204,34 @@ def _throttled(hook: Callable[[int, Progress], None], interval: float = 0.1) -> 
     return throttled
 
 
-async def _start(state: ServiceState, aggregator: Aggregator, history: HistoryStore) -> None:
-    """Serve the committed output at once, then run; retry with backoff while the store is unreachable."""
+async def _start(state: ServiceState, startup: _StartUp) -> None:
+    """Serve the committed output at once, then run; retry with backoff until a run succeeds.
+
+    Every failure is logged: a store that cannot be reached as a warning, anything else with its
+    traceback (and retried too: `/readyz` says 503 meanwhile, and the log says why).
+    """
     restored = False
     for attempt in itertools.count():
         delay = _RETRY_DELAYS[min(attempt, len(_RETRY_DELAYS) - 1)]
         try:
             await state.store.ensure_bucket()
             if not restored:
-                state.runner.restore(await history.load())
+                state.runner.restore(await startup.history.load())
                 restored = True
             if state.snapshot is None:
-                committed = await aggregator.load_committed()
+                committed = await startup.aggregator.load_committed()
                 if committed is not None:
-                    table, version = committed
-                    state.publish(Snapshot(table, version, datetime.now(UTC)))
+                    state.snapshots.publish_first(Snapshot(committed.table, committed.version, datetime.now(UTC),
+                                                           rejected=committed.rejected))  # fmt: skip
+            report = await state.runner.run("startup")
+            if report.outcome is Outcome.SUCCEEDED:
+                return
         except StorageError as exc:
             logger.warning("object store not available at start-up (%s); retrying in %.0fs", exc.for_log(), delay)
-        else:
-            report = await state.runner.run("startup")
-            if report.error is None:
-                return
+        except RunnerClosed:
+            raise
+        except Exception:
+            logger.exception("start-up failed unexpectedly; retrying in %.0fs", delay)
         await asyncio.sleep(delay)
 
 

@@ -64,11 +64,7 @@ async def _run_once(settings: Settings, progress: _ProgressLine) -> RunReport:
     store = open_store(settings)
     try:
         await store.ensure_bucket()
-        aggregator = Aggregator(
-            store, src_prefix=settings.src_prefix, output_key=settings.output_key,
-            concurrency=settings.fetch_concurrency,
-        )  # fmt: skip
-        result = await aggregator.run(trigger="cli", progress=progress)
+        result = await Aggregator.from_settings(store, settings).run(trigger="cli", progress=progress)
         return result.report
     finally:
         progress.close()

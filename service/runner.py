@@ -28,11 +28,11 @@ class Runner:
     def __init__(
         self,
         aggregator: Aggregator,
-        on_commit: Callable[[RunResult], None],
+        on_commit: Callable[[RunResult], object],
         *,
         history: int = 50,
         on_progress: Callable[[int, Progress], None] | None = None,
-        on_report: Callable[[RunReport], Awaitable[None]] | None = None,
+        on_report: Callable[[RunReport, list[RunReport]], Awaitable[None]] | None = None,
         held: bool = False,
     ) -> None:
         self._aggregator = aggregator
@@ -96,7 +96,7 @@ class Runner:
             await self._log_rejections(run_id, result.rejected)
         self.history.append(report)
         if self._on_report is not None:
-            await self._on_report(report)
+            await self._on_report(report, list(self.history))
         return report
 
     async def _log_rejections(self, run_id: int, rejected: RejectedFiles) -> None:

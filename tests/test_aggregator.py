@@ -233,8 +233,7 @@ async def test_a_hand_edited_output_is_served_in_user_id_order(store: ObjectStor
     await store.put(OUTPUT, f"{HEADER}\n9,A,B,1,\n10,C,D,2,\n1,E,F,3,\n".encode())
     loaded = await aggregator(store).load_committed()
     assert loaded is not None
-    table, version = loaded
-    assert list(table["user_id"]) == ["1", "10", "9"] and version == 0
+    assert list(loaded.table["user_id"]) == ["1", "10", "9"] and loaded.version == 0
 
 
 async def test_a_future_birthts_is_accepted_once_its_time_has_come(store: ObjectStore) -> None:
@@ -280,7 +279,8 @@ async def test_a_damaged_output_is_derived_again_from_the_manifest(store: Object
     damaged = DAMAGES[damage](await store.get(OUTPUT))
     await (store.delete(OUTPUT) if damaged is None else store.put(OUTPUT, damaged))
     loaded = await aggregator(store).load_committed()  # what `serve` shows before its first run
-    assert loaded is not None and sorted(loaded[0]["user_id"]) == ["1", "2"]
+    assert loaded is not None and sorted(loaded.table["user_id"]) == ["1", "2"]
+    assert [f.key for f in loaded.rejected.page(slice(None))] == ["src-data/2.csv"]  # listed before any run
     report = (await aggregator(store).run()).report
     assert not report.full_rebuild and report.output_written
     assert await rows_by_user(store) == expected  # the rejected file's last valid row is not lost
@@ -296,7 +296,7 @@ async def test_values_of_a_hand_edited_output_pass_the_input_rules(store: Object
     assert loaded is None  # a value out of any range: the file is unreadable, not served
     await store.put(OUTPUT, f"{HEADER}\n1,One,A,1,\n2,Two,B,-9000000000000000000,\n".encode())
     loaded = await aggregator(store).load_committed()
-    assert loaded is not None and list(loaded[0]["user_id"]) == ["1"]  # the out-of-range row is not served
+    assert loaded is not None and list(loaded.table["user_id"]) == ["1"]  # the out-of-range row is not served
     report = (await aggregator(store).run()).report
     assert report.full_rebuild and any("1 rows of" in w for w in report.warnings)
     assert await rows_by_user(store) == {"1": ("One", "A", "1", "")}  # not copied to the rejected file

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import itertools
 import json
+import logging
 import statistics
 import threading
 import tracemalloc
@@ -22,8 +23,9 @@ from yarl import URL
 
 from service import query as queries
 from service import rest
-from service.app import create_app
+from service.app import STATE, create_app
 from service.config import Settings
+from service.events import SnapshotPublished
 from service.local_store import LocalStore
 from service.report import REJECTED_SAMPLE
 from service.rest import IMAGE_CHUNK_BYTES
@@ -666,3 +668,79 @@ async def test_rejected_files_pages_through_every_rejected_file(
     assert [f["key"] for f in default["files"]] == many_rejected.keys[:100]
     too_many = await gql(client, "{ rejectedFiles(limit: 1001) { totalCount } }")
     assert "limit must be between 0 and 1000" in too_many["errors"][0]["message"]
+
+
+class FailsOnce(LocalStore):
+    """Its first `ensure_bucket` fails with an error nobody planned for."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "datalake")
+        self.failures = 1
+
+    async def ensure_bucket(self) -> None:
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("an unexpected start-up bug")
+        await super().ensure_bucket()
+
+
+async def test_an_unexpected_start_up_failure_is_logged_and_retried(
+    aiohttp_client: ClientFactory, tmp_path: Path, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailsOnce(tmp_path)
+    await seed(LocalStore(tmp_path, "datalake"))
+    with caplog.at_level(logging.WARNING, logger="service"):
+        client = await aiohttp_client(create_app(settings, store=store))
+        await wait_ready(client)  # after the retry, a second later
+    failure = next(r for r in caplog.records if "start-up failed" in r.getMessage())
+    assert failure.levelname == "ERROR" and failure.exc_info is not None
+    assert "RuntimeError: an unexpected start-up bug" in caplog.text
+
+
+class HeldManifest(LocalStore):
+    """Holds its first read of the manifest (the start-up load) until released."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "datalake")
+        self.gate = asyncio.Event()
+        self.held = 1
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        data = await super().get(key, max_bytes)
+        if key.endswith(".manifest") and self.held:
+            self.held -= 1
+            await self.gate.wait()  # a slow transfer: what arrives is the manifest as it was
+        return data
+
+
+async def test_a_run_during_the_start_up_load_is_not_replaced_by_the_older_commit(
+    aiohttp_client: ClientFactory, tmp_path: Path, settings: Settings
+) -> None:
+    await seed(LocalStore(tmp_path, "datalake"))
+    first = await aiohttp_client(create_app(settings, store=LocalStore(tmp_path, "datalake")))
+    await wait_ready(first)
+    await first.close()  # version 1 is committed
+    await LocalStore(tmp_path, "datalake").put("src-data/3000.csv", csv_of("3000", date(2000, 1, 1)))
+    store = HeldManifest(tmp_path)
+    client = await aiohttp_client(create_app(settings, store=store))
+    for _ in range(100):  # the start-up load is reading the manifest
+        if not store.held:
+            break
+        await asyncio.sleep(0.02)
+    served: list[int] = []
+
+    async def watch() -> None:
+        async for event in client.server.app[STATE].events.subscribe():
+            if isinstance(event, SnapshotPublished):
+                served.append(event.version)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0)
+    response = await client.post("/data")  # a run while the load waits: it commits version 2
+    assert response.status == 200 and (await response.json())["output_version"] == 2
+    store.gate.set()  # the load of version 1 finishes after it
+    await gql(client, "mutation { reprocess { outcome } }")  # after the start-up run too
+    watcher.cancel()
+    assert served and set(served) == {2}, served  # the older commit was never served
+    assert (await (await client.get("/readyz")).json())["version"] == 2
+    assert (await gql(client, "{ stats { count } }"))["data"]["stats"]["count"] == 8  # with user 3000
