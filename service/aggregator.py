@@ -15,7 +15,7 @@ import pandas as pd
 from . import manifest as mf
 from . import output as out
 from .config import Settings
-from .errors import InvalidKey, ObjectNotFound, ObjectUnreadable
+from .errors import InvalidKey, ObjectNotFound, ObjectUnreadable, PreconditionFailed, ServiceError
 from .keys import Kind, ignored_reason
 from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
@@ -37,6 +37,13 @@ class Progress:
 
 
 ProgressCallback = Callable[[Progress], None]
+Fence = Callable[[], None]
+"""Called before each commit write; raises to stop the commit (e.g. `LeaseLost`)."""
+
+
+class Superseded(ServiceError):
+    """Another run committed after this one started: this one wrote nothing more (its output write, if
+    any, is replaced or detected by the next run)."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +82,16 @@ class _State:
     seed: mf.Seed | None
     full_rebuild: bool
     output_in_step: bool  # the stored output is the one the manifest vouches for
+    started_from: _Stored  # the commit is conditional on these ETags: nobody else committed meanwhile
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """ETags of the output and the manifest as a run found them (None: there was none)."""
+
+    output: str | None
+    manifest: str | None
 
 
 @dataclass
@@ -154,9 +170,14 @@ class Aggregator:
         )  # fmt: skip
 
     async def run(
-        self, run_id: int = 0, trigger: str = "manual", progress: ProgressCallback | None = None
+        self,
+        run_id: int = 0,
+        trigger: str = "manual",
+        progress: ProgressCallback | None = None,
+        fence: Fence | None = None,
     ) -> RunResult:
-        """One run; raises `StorageError` when the store fails (the previous commit stays intact)."""
+        """One run; raises `StorageError` when the store fails (the previous commit stays intact),
+        `Superseded` when another run committed meanwhile, or what `fence` raises before a write."""
         started = self._clock()
         now_ms = _ms(started)
         state = await self._load_state(now_ms)
@@ -165,7 +186,7 @@ class Aggregator:
         ignored -= len(results.misnamed)  # reported as rejected, with their reason
         computed = await asyncio.to_thread(_compute, listing, state, results)
         del listing, results  # at a million users these are hundreds of MiB: not needed for the commit
-        version, written = await self._commit(state, computed)
+        version, written = await self._commit(state, computed, fence)
         changes, output = computed.changes, computed.output
         report = RunReport(
             run_id=run_id,
@@ -199,7 +220,7 @@ class Aggregator:
         whatever happened to the stored output since.
         """
         now_ms = _ms(self._clock())
-        manifest, header = await self._read_manifest([], now_ms)
+        manifest, header, _ = await self._read_manifest([], now_ms)
         if manifest is not None and header is not None:
             cached = self._committed
             table = cached.output if cached else out.derive(manifest)
@@ -218,11 +239,12 @@ class Aggregator:
 
     async def _load_state(self, now_ms: int) -> _State:
         warnings: list[str] = []
-        manifest, header = await self._read_manifest(warnings, now_ms)
+        manifest, header, manifest_etag = await self._read_manifest(warnings, now_ms)
         try:
             output: ObjectInfo | None = await self._store.stat(self.output_key)
         except ObjectNotFound:
             output = None
+        stored = _Stored(output.etag if output is not None else None, manifest_etag)
         if manifest is not None and header is not None:
             in_step = output is not None and output.etag == header.output_etag
             if not in_step:
@@ -234,33 +256,36 @@ class Aggregator:
             cached = self._committed
             previous = cached.output if cached and cached.header == header else out.derive(manifest)
             return _State(manifest, header, previous, None, full_rebuild=False, output_in_step=in_step,
-                          warnings=warnings)  # fmt: skip
+                          started_from=stored, warnings=warnings)  # fmt: skip
         if output is not None and not warnings:
             warnings.append(f"no manifest beside {self.output_key}: rebuilding from scratch")
         seed = await self._read_seed(output, warnings, now_ms) if output is not None else None
         _log_all(warnings)
         previous = seed.rows.reset_index() if seed is not None else out.empty_output()
-        return _State(mf.empty(), header, previous, seed, full_rebuild=True, output_in_step=False, warnings=warnings)
+        return _State(mf.empty(), header, previous, seed, full_rebuild=True, output_in_step=False,
+                      started_from=stored, warnings=warnings)  # fmt: skip
 
     async def _read_manifest(
         self, warnings: list[str], now_ms: int
-    ) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None]:
+    ) -> tuple[pd.DataFrame | None, mf.ManifestHeader | None, str | None]:
+        """The stored manifest, its header and its ETag (also when it is unusable: a commit replaces it
+        on that condition)."""
         try:
             etag = (await self._store.stat(self.manifest_key)).etag
         except ObjectNotFound:
-            return None, None
+            return None, None, None
         cached = self._committed
         if cached is not None and cached.manifest_etag == etag:
-            return cached.manifest, cached.header
+            return cached.manifest, cached.header, etag
         data = await self._store.get(self.manifest_key)
         try:
             manifest, header = await asyncio.to_thread(_parse_manifest, data, now_ms)
         except mf.ManifestError as exc:
             warnings.append(f"manifest {self.manifest_key} is unusable ({exc}): rebuilding from scratch")
-            return None, None
+            return None, None, etag
         self._committed = _Committed(etag, manifest, header, out.derive(manifest))
         self._version = max(self._version, header.version)
-        return manifest, header
+        return manifest, header, etag
 
     async def _read_seed(self, output: ObjectInfo, warnings: list[str], now_ms: int) -> mf.Seed | None:
         """The stored output's rows: the only record of last valid rows when the manifest is lost."""
@@ -346,9 +371,12 @@ class Aggregator:
             return
         results.ok(key, record.first_name, record.last_name, record.birthts)
 
-    async def _commit(self, state: _State, computed: _Computed) -> tuple[int, bool]:
+    async def _commit(self, state: _State, computed: _Computed, fence: Fence | None) -> tuple[int, bool]:
         """Write the output, then the manifest: a crash in between is detected as a stale manifest.
 
+        Both writes are conditional on the ETags the run started from (or on there being none), so a
+        commit never overwrites one that another replica made meanwhile: the run is then `Superseded`
+        and writes nothing more. `fence` is called before each write (the lease's check).
         Returns the output version and whether the output was written.
         """
         header = state.header
@@ -358,18 +386,31 @@ class Aggregator:
             # After the manifest was lost, the version continues from the last one this process saw.
             version = max(header.version if header else 0, self._version) + 1
             data = await asyncio.to_thread(computed.output_bytes)
-            output_etag = await self._store.put(self.output_key, data, "text/csv")
+            output_etag = await self._put(self.output_key, data, "text/csv", state.started_from.output, fence)
             del data  # not held while the manifest is serialized
             written = True
         new_header = mf.ManifestHeader(version=version, output_etag=output_etag)
         if written or computed.manifest_changed or self._committed is None:
             data = await asyncio.to_thread(mf.to_bytes, computed.manifest, new_header)
-            manifest_etag = await self._store.put(self.manifest_key, data, "application/gzip")
+            manifest_etag = await self._put(
+                self.manifest_key, data, "application/gzip", state.started_from.manifest, fence
+            )
         else:
             manifest_etag = self._committed.manifest_etag
         self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
         self._version = version
         return version, written
+
+    async def _put(self, key: str, data: bytes, content_type: str, found: str | None, fence: Fence | None) -> str:
+        """Write `key` only if it is still as the run found it."""
+        if fence is not None:
+            fence()
+        try:
+            if found is None:
+                return await self._store.put(key, data, content_type, if_none_match=True)
+            return await self._store.put(key, data, content_type, if_match=found)
+        except PreconditionFailed as exc:
+            raise Superseded(f"{key} was committed by another run meanwhile: this run commits nothing more") from exc
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ files; `rejected_count` counts them all and the `rejectedFiles` query lists them
 class Outcome(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    SUPERSEDED = "superseded"  # another run committed meanwhile (or the lease was lost): nothing committed
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,8 +8,9 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-from .aggregator import Aggregator, Progress, ProgressCallback, RunResult
+from .aggregator import Aggregator, Progress, ProgressCallback, RunResult, Superseded
 from .errors import NotReady, ServiceError, StorageError
+from .lease import Lease, LeaseBusy, LeaseLost
 from .report import Outcome, RejectedFiles, RunReport
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,11 @@ class Runner:
         on_progress: Callable[[int, Progress], None] | None = None,
         on_report: Callable[[RunReport, list[RunReport]], Awaitable[None]] | None = None,
         held: bool = False,
+        lease: Lease | None = None,
     ) -> None:
         self._aggregator = aggregator
+        self._lease = lease
+        self._lease_poll = min(1.0, lease.ttl.total_seconds() / 6) if lease is not None else 1.0
         self._on_commit = on_commit
         self._on_progress = on_progress
         self._on_report = on_report
@@ -81,7 +85,10 @@ class Runner:
         run_id, self._next_id = self._next_id, self._next_id + 1
         started = datetime.now(UTC)
         try:
-            result = await self._aggregator.run(run_id, trigger, self._progress_for(run_id))
+            result = await self._aggregate(run_id, trigger)
+        except (Superseded, LeaseLost) as exc:
+            report = RunReport(run_id, trigger, started, datetime.now(UTC), Outcome.SUPERSEDED, error=str(exc))
+            logger.warning("run %d (%s) superseded: %s", run_id, trigger, exc)
         except StorageError as exc:
             # The report is public: the endpoint or a file's path is only in the log.
             report = self._failed(run_id, trigger, started, f"object store error: {exc}")
@@ -98,6 +105,20 @@ class Runner:
         if self._on_report is not None:
             await self._on_report(report, list(self.history))
         return report
+
+    async def _aggregate(self, run_id: int, trigger: str) -> RunResult:
+        """One aggregation, holding the lease when there is one (waiting while another replica runs:
+        the caller still gets a run that started after its call)."""
+        progress = self._progress_for(run_id)
+        if self._lease is None:
+            return await self._aggregator.run(run_id, trigger, progress)
+        while True:
+            try:
+                async with self._lease.hold(run_id) as holding:
+                    return await self._aggregator.run(run_id, trigger, progress, fence=holding.check)
+            except LeaseBusy as busy:
+                logger.info("run %d (%s) waits: %s", run_id, trigger, busy)
+                await asyncio.sleep(self._lease_poll)
 
     async def _log_rejections(self, run_id: int, rejected: RejectedFiles) -> None:
         """Log what changed since the previous run: a file that stays rejected for the same reason is

@@ -111,6 +111,7 @@ class Stats:
 class RunOutcome(enum.Enum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
+    SUPERSEDED = "superseded"
 
 
 @strawberry.type

@@ -1,0 +1,195 @@
+"""The lease: at most one replica aggregates at a time, coordinated through one object in the bucket.
+
+The lease object (`<OUTPUT_KEY>.lease`) names its holder and when it expires. It is taken by a
+create-if-absent write, or by replacing an expired (or released) lease with `If-Match` on the ETag
+read: of several replicas racing for it, the store lets exactly one write succeed. The holder renews
+it every third of its time to live, again with `If-Match`; a holder that cannot renew before it
+expires has lost it, and its run gives up before committing.
+
+The lease saves work; it is not what keeps the output right. Commits are conditional writes of their
+own (see `Aggregator`), so even two replicas that both believe they hold the lease (a paused process,
+a clock jump) cannot overwrite each other's commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from .errors import ObjectNotFound, PreconditionFailed, ServiceError, StorageError
+from .storage import ObjectStore
+
+logger = logging.getLogger(__name__)
+
+
+class LeaseBusy(ServiceError):
+    """Another replica holds the lease."""
+
+    def __init__(self, holder: LeaseRecord) -> None:
+        super().__init__(f"replica {holder.replica!r} holds the lease (run {holder.run}) until {holder.expires}")
+        self.holder = holder
+
+
+class LeaseLost(ServiceError):
+    """This replica could not renew the lease in time: its run must not commit."""
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    replica: str
+    run: int
+    acquired: datetime
+    expires: datetime
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(
+            {
+                "replica": self.replica,
+                "run": self.run,
+                "acquired": self.acquired.isoformat(),
+                "expires": self.expires.isoformat(),
+            }
+        ).encode()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> LeaseRecord | None:
+        """The record, or None when the object is not a lease this service wrote (then it is free)."""
+        try:
+            fields = json.loads(data)
+            return cls(
+                replica=str(fields["replica"]),
+                run=int(fields["run"]),
+                acquired=datetime.fromisoformat(fields["acquired"]),
+                expires=datetime.fromisoformat(fields["expires"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
+
+
+class Lease:
+    """The lease object at `key`, as seen by replica `replica`."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        key: str,
+        replica: str,
+        ttl: float,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._store = store
+        self.key = key
+        self.replica = replica
+        self.ttl = timedelta(seconds=ttl)
+        self._clock = clock
+        self.on_change: Callable[[bool], None] | None = None  # called with True when taken, False when lost
+
+    @contextlib.asynccontextmanager
+    async def hold(self, run_id: int) -> AsyncIterator[Holding]:
+        """Take the lease for run `run_id`, renew it while the block runs, release it afterwards.
+
+        `LeaseBusy` when another replica holds it; `StorageError` when the store cannot be asked.
+        """
+        record, etag = await self._take(run_id)
+        holding = Holding(self, record, etag)
+        self._changed(True)
+        renewer = asyncio.create_task(holding.renew_until_done(), name="lease-renewal")
+        try:
+            yield holding
+        finally:
+            renewer.cancel()
+            await asyncio.gather(renewer, return_exceptions=True)
+            await holding.release()
+            self._changed(False)
+
+    async def holder(self) -> LeaseRecord | None:
+        """Who holds the lease now (None when nobody does)."""
+        current, _ = await self._read()
+        return current if current is not None and current.expires > self._clock() else None
+
+    async def _take(self, run_id: int) -> tuple[LeaseRecord, str]:
+        current, etag = await self._read()
+        now = self._clock()
+        if current is not None and current.expires > now and current.replica != self.replica:
+            raise LeaseBusy(current)
+        record = LeaseRecord(self.replica, run_id, now, now + self.ttl)
+        try:
+            if etag is None:
+                new_etag = await self._store.put(self.key, record.to_bytes(), "application/json", if_none_match=True)
+            else:
+                new_etag = await self._store.put(self.key, record.to_bytes(), "application/json", if_match=etag)
+        except PreconditionFailed:
+            # Another replica wrote the lease between our read and our write: it has it.
+            latest, _ = await self._read()
+            raise LeaseBusy(latest or record) from None
+        return record, new_etag
+
+    async def _read(self) -> tuple[LeaseRecord | None, str | None]:
+        try:
+            info = await self._store.stat(self.key)
+            data = await self._store.get(self.key)
+        except ObjectNotFound:
+            return None, None
+        # The ETag read with the stat may be older than the body: a write in between makes the
+        # conditional write that follows fail, which is the safe outcome.
+        return LeaseRecord.from_bytes(data), info.etag
+
+    def _changed(self, held: bool) -> None:
+        if self.on_change is not None:
+            self.on_change(held)
+
+
+class Holding:
+    """This replica's hold on the lease during one run."""
+
+    def __init__(self, lease: Lease, record: LeaseRecord, etag: str) -> None:
+        self._lease = lease
+        self.record = record
+        self._etag = etag
+        self._lost: str | None = None
+
+    def check(self) -> None:
+        """`LeaseLost` unless the lease is still ours and unexpired: called before every commit write."""
+        if self._lost is None and self.record.expires <= self._lease._clock():
+            self._lost = "the lease expired before it could be renewed"
+        if self._lost is not None:
+            raise LeaseLost(f"replica {self._lease.replica!r} lost the lease: {self._lost}")
+
+    async def renew_until_done(self) -> None:
+        interval = self._lease.ttl.total_seconds() / 3
+        while self._lost is None:
+            await asyncio.sleep(interval)
+            await self._renew()
+
+    async def _renew(self) -> None:
+        lease = self._lease
+        now = lease._clock()
+        if self.record.expires <= now:
+            self._lost = "the lease expired before it could be renewed"
+            return
+        record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now + lease.ttl)
+        try:
+            self._etag = await lease._store.put(lease.key, record.to_bytes(), "application/json", if_match=self._etag)
+        except PreconditionFailed:
+            self._lost = "another replica took it over"
+            logger.warning("replica %s lost the lease of run %d: taken over", lease.replica, record.run)
+            return
+        except StorageError as exc:  # try again at the next interval, while the lease lasts
+            logger.warning("could not renew the lease (%s); it expires at %s", exc.for_log(), self.record.expires)
+            return
+        self.record = record
+
+    async def release(self) -> None:
+        """Hand the lease back at once (an expired record), so that others need not wait for its time."""
+        if self._lost is not None:
+            return
+        lease = self._lease
+        now = lease._clock()
+        record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now)
+        with contextlib.suppress(StorageError):  # it expires by itself anyway
+            await lease._store.put(lease.key, record.to_bytes(), "application/json", if_match=self._etag)
