@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from packaging.version import Version
 
 from service.cli import _parser as cli_parser
 from service.config import Settings, load_settings
+from service.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -568,6 +570,12 @@ def example_env() -> dict[str, str]:
     return read_env_file(ENV_EXAMPLE)
 
 
+@pytest.fixture(scope="module")
+def dot_env(example_env: dict[str, str]) -> dict[str, str]:
+    """A .env made as the example says: copied, with a password like `openssl rand -hex 24` gives."""
+    return {**example_env, "MINIO_ROOT_PASSWORD": secrets.token_hex(24)}
+
+
 def environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
@@ -590,7 +598,7 @@ def test_config_variable_scan_finds_the_documented_names() -> None:
     assert {
         "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "MINIO_SECURE", "DATA_DIR", "BUCKET",
         "SRC_PREFIX", "OUTPUT_KEY", "FETCH_CONCURRENCY", "HOST", "PORT", "SCHEDULE", "API_TOKEN",
-        "MAX_PAGE_SIZE",
+        "MAX_PAGE_SIZE", "PUBLISHED_ADDRESS",
     } <= config_variables()  # fmt: skip
 
 
@@ -635,14 +643,18 @@ def test_init_loads_demo_data_once_with_the_service_image(compose: dict[str, Any
     assert command[:3] == ["python", "-m", "service"]
     args = cli_parser().parse_args(command[3:])
     assert args.handler.__name__ == "_demo" and args.users == 1000 and args.with_bad_files
-    assert "--with-bad-files" in command, "spell options out (argparse also accepts prefixes)"
+    # Compose runs `init` on every `up`: only an empty source prefix gets the demo data.
+    assert args.if_empty
+    assert {"--with-bad-files", "--if-empty"} <= set(command), "spell options out (argparse also accepts prefixes)"
     assert init["depends_on"] == {"minio": {"condition": "service_healthy"}}
     assert init["restart"] == "no"
 
 
-def test_service_ports_dependencies_and_restart(stages: dict[str, Stage], compose: dict[str, Any]) -> None:
+def test_service_ports_dependencies_and_restart(
+    stages: dict[str, Stage], compose: dict[str, Any], dot_env: dict[str, str]
+) -> None:
     service = compose["services"]["service"]
-    assert service["ports"] == ["8080:8080"]
+    assert resolve(service["ports"], dot_env) == ["127.0.0.1:8080:8080"]
     assert container_port(service["ports"][0]) == Settings().port
     assert stages["final"].one("EXPOSE").args == str(Settings().port)
     assert "PORT" not in environment(service), "the published port relies on the default PORT"
@@ -654,37 +666,38 @@ def test_service_ports_dependencies_and_restart(stages: dict[str, Stage], compos
 
 
 @pytest.mark.parametrize("name", ["init", "service"])
-def test_environment_is_the_documented_config(compose: dict[str, Any], example_env: dict[str, str], name: str) -> None:
+def test_environment_is_the_documented_config(compose: dict[str, Any], dot_env: dict[str, str], name: str) -> None:
     env = environment(compose["services"][name])
     unknown = set(env) - config_variables()
     assert not unknown, f"{name} gets variables service/config.py does not read: {sorted(unknown)}"
-    settings = load_settings(resolve(env, example_env))
+    settings = load_settings(resolve(env, dot_env))
     assert settings.uses_minio
     host, _, port = (settings.minio_endpoint or "").partition(":")
     assert host in compose["services"] and host == "minio" and port == "9000"
     assert not settings.minio_secure
-    assert settings.minio_access_key == example_env["MINIO_ROOT_USER"]
-    assert settings.minio_secret_key == example_env["MINIO_ROOT_PASSWORD"]
+    assert settings.minio_access_key == dot_env["MINIO_ROOT_USER"]
+    assert settings.minio_secret_key == dot_env["MINIO_ROOT_PASSWORD"]
 
 
-def test_init_writes_where_the_service_reads(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+def test_init_writes_where_the_service_reads(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
     init, service = (
-        load_settings(resolve(environment(compose["services"][name]), example_env)) for name in ("init", "service")
+        load_settings(resolve(environment(compose["services"][name]), dot_env)) for name in ("init", "service")
     )
     assert (init.minio_endpoint, init.bucket, init.src_prefix) == (
         service.minio_endpoint, service.bucket, service.src_prefix
     )  # fmt: skip
-    minio_env = resolve(environment(compose["services"]["minio"]), example_env)
+    minio_env = resolve(environment(compose["services"]["minio"]), dot_env)
     assert (init.minio_access_key, init.minio_secret_key) == (
         minio_env["MINIO_ROOT_USER"], minio_env["MINIO_ROOT_PASSWORD"]
     )  # fmt: skip
 
 
-def test_optional_variables_pass_through(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+def test_optional_variables_pass_through(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
     env = environment(compose["services"]["service"])
-    unset = {key: example_env[key] for key in CREDENTIALS}
+    unset = {key: dot_env[key] for key in CREDENTIALS}
     defaults = load_settings(resolve(env, unset))
     assert defaults.api_token is None and defaults.schedule == Settings().schedule
+    assert defaults.published_address == "127.0.0.1"
     custom = load_settings(resolve(env, {**unset, "API_TOKEN": "tok-123", "SCHEDULE": "0 * * * *"}))
     assert custom.api_token == "tok-123" and custom.schedule == "0 * * * *"
 
@@ -692,9 +705,9 @@ def test_optional_variables_pass_through(compose: dict[str, Any], example_env: d
 @pytest.mark.parametrize("missing", CREDENTIALS)
 @pytest.mark.parametrize("blank", [False, True])
 def test_missing_credentials_stop_compose_with_a_hint(
-    compose: dict[str, Any], example_env: dict[str, str], missing: str, blank: bool
+    compose: dict[str, Any], dot_env: dict[str, str], missing: str, blank: bool
 ) -> None:
-    env = {key: value for key, value in example_env.items() if key != missing}
+    env = {key: value for key, value in dot_env.items() if key != missing}
     if blank:
         env[missing] = ""
     for name in ("minio", "init", "service"):
@@ -716,11 +729,50 @@ def test_no_secret_literals(compose: dict[str, Any], compose_text: str, example_
             assert value not in compose_text, f"the example value of {key} is written in compose"
 
 
+def test_every_port_is_published_on_loopback_by_default(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
+    """A bare `8080:8080` publishes on every interface of the host, whatever API_TOKEN says."""
+    for name, service in compose["services"].items():
+        for mapping in resolve(service.get("ports", []), dot_env):
+            address = str(mapping).rsplit(":", 2)[0]
+            assert str(mapping).count(":") == 2 and address == "127.0.0.1", f"{name} publishes {mapping!r}"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.10", "[::]", "127.0.0.1", "[::1]"])
+def test_publishing_beyond_loopback_needs_an_api_token(
+    compose: dict[str, Any], dot_env: dict[str, str], address: str
+) -> None:
+    service = compose["services"]["service"]
+    chosen = {**dot_env, "PUBLISHED_ADDRESS": address}
+    (mapping,) = resolve(service["ports"], chosen)
+    assert mapping == f"{address}:8080:8080"
+    env = resolve(environment(service), chosen)
+    assert env["PUBLISHED_ADDRESS"] == address, "the service must be told where its port is published"
+    if address in ("127.0.0.1", "[::1]"):
+        assert load_settings(env).api_token is None
+    else:
+        with pytest.raises(ConfigError, match=r"API_TOKEN .*PUBLISHED_ADDRESS"):
+            load_settings(env)
+    assert load_settings({**env, "API_TOKEN": "tok-123"}).published_address == address
+
+
+def test_env_example_has_no_usable_password(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+    """`cp .env.example .env && docker compose up` stops and says how to make a password."""
+    assert example_env["MINIO_ROOT_PASSWORD"] == ""
+    for name in ("minio", "init", "service"):
+        with pytest.raises(MissingVariable, match=r"MINIO_ROOT_PASSWORD .*openssl rand -hex 24"):
+            resolve(environment(compose["services"][name]), example_env)
+    # An older .env.example shipped this password: a .env copied from it stops the init and the service.
+    published = {**example_env, "MINIO_ROOT_PASSWORD": "change-me-to-a-long-random-password"}
+    for name in ("init", "service"):
+        with pytest.raises(ConfigError, match="MINIO_SECRET_KEY"):
+            load_settings(resolve(environment(compose["services"][name]), published))
+
+
 def test_env_example_defines_exactly_what_compose_interpolates(compose_text: str, example_env: dict[str, str]) -> None:
     used = {match["name"] or match["bare"] for match in _INTERPOLATION.finditer(compose_text) if not match["escaped"]}
     assert set(CREDENTIALS) <= used
     assert used == set(example_env), f"used {sorted(used)}, .env.example {sorted(example_env)}"
     example = ENV_EXAMPLE.read_text(encoding="utf-8")
     assert re.search(r"#.*change me.*\n(#.*\n)*MINIO_ROOT_PASSWORD=", example, re.IGNORECASE)
-    assert len(example_env["MINIO_ROOT_USER"]) >= 3 and len(example_env["MINIO_ROOT_PASSWORD"]) >= 8
+    assert len(example_env["MINIO_ROOT_USER"]) >= 3
     assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
