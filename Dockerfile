@@ -5,7 +5,7 @@
 #
 # Stages:
 #   graphiql-assets  fetches the offline GraphiQL bundles from npm (pinned versions, sha512-checked)
-#   builder          installs the dependencies and the package into the virtualenv /opt/venv
+#   builder          installs the locked dependencies (requirements.lock) and the package into /opt/venv
 #   runtime          the final image: the virtualenv, the assets, a non-root user; no compilers, no tests
 
 # --- GraphiQL browser bundles (scripts/fetch_graphiql_assets.py needs npm and python3 >= 3.9) ---------
@@ -25,17 +25,19 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /build
-# Dependencies first, from pyproject.toml alone: this layer is rebuilt only when pyproject.toml changes,
-# not on every source edit. Runtime dependencies only (no `[test]` extra).
-COPY pyproject.toml ./
-RUN python -c "import pathlib, tomllib; deps = tomllib.loads(pathlib.Path('pyproject.toml').read_text())['project']['dependencies']; pathlib.Path('requirements.txt').write_text('\n'.join(deps) + '\n')" \
-    && pip install -r requirements.txt
-# Then the package itself, exactly as the tests install it (`pip install .`). README.md is the
-# project's `readme` in pyproject.toml, which setuptools reads while building the metadata. The import
-# check runs from / so that it imports the installed copy, not ./service.
-COPY README.md ./
+# Dependencies first, from the runtime lock alone: this layer is rebuilt only when requirements.lock
+# changes, not on every source edit. Exact versions with their hashes, the ones the test suite ran
+# against (requirements-test.lock pins the same); runtime dependencies only (no `[test]` extra).
+COPY requirements.lock ./
+RUN pip install --require-hashes -r requirements.lock
+# Then the package itself, without resolving anything again: `pip check` proves the lock satisfies
+# every range in pyproject.toml. README.md is the project's `readme` in pyproject.toml, which
+# setuptools reads while building the metadata. The import check runs from / so that it imports the
+# installed copy, not ./service.
+COPY pyproject.toml README.md ./
 COPY service ./service
-RUN pip install . \
+RUN pip install --no-deps . \
+    && pip check \
     && cd / && python -c "import service.cli"
 
 # --- Runtime ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from typing import TextIO
 from . import logs
 from .aggregator import Aggregator, Progress
 from .config import Settings, load_settings
-from .demo import write_demo_data
+from .demo import has_objects, write_demo_data
 from .errors import ConfigError, ServiceError, StorageError
 from .report import RunReport
 from .stores import open_store
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--image-ratio", type=float, default=0.7)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--with-bad-files", action="store_true")
+    demo.add_argument(
+        "--if-empty", action="store_true", help="write nothing when the source prefix already holds objects"
+    )
     demo.set_defaults(handler=_demo)
     serve = commands.add_parser("serve", help="serve GraphQL and REST, aggregating on the schedule")
     serve.set_defaults(handler=_serve)
@@ -122,21 +125,27 @@ def format_report(report: RunReport) -> str:
 def _demo(settings: Settings, args: argparse.Namespace) -> int:
     if args.users < 0 or not 0 <= args.image_ratio <= 1:
         raise ConfigError("--users must be >= 0 and --image-ratio between 0 and 1")
-    store = open_store(settings)
-
-    async def write() -> None:
-        try:
-            summary = await write_demo_data(
-                store, settings.src_prefix, users=args.users, image_ratio=args.image_ratio, seed=args.seed,
-                with_bad_files=args.with_bad_files, concurrency=settings.fetch_concurrency,
-            )  # fmt: skip
-        finally:
-            await store.close()
-        print(f"wrote {summary.users} users ({summary.images} images, {summary.bad_files} bad files) "
-              f"under {settings.bucket}/{settings.src_prefix}")  # fmt: skip
-
-    asyncio.run(write())
+    asyncio.run(_write_demo(settings, args))
     return 0
+
+
+async def _write_demo(settings: Settings, args: argparse.Namespace) -> None:
+    """With --if-empty, a loader that runs on every start (compose's `init`) never overwrites edits."""
+    store = open_store(settings)
+    where = f"{settings.bucket}/{settings.src_prefix}"
+    try:
+        if args.if_empty:
+            await store.ensure_bucket()
+            if await has_objects(store, settings.src_prefix):
+                print(f"{where} already holds objects: no demo data written (--if-empty)")
+                return
+        summary = await write_demo_data(
+            store, settings.src_prefix, users=args.users, image_ratio=args.image_ratio, seed=args.seed,
+            with_bad_files=args.with_bad_files, concurrency=settings.fetch_concurrency,
+        )  # fmt: skip
+    finally:
+        await store.close()
+    print(f"wrote {summary.users} users ({summary.images} images, {summary.bad_files} bad files) under {where}")
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -21,6 +22,8 @@ _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:]+\](:[0-
 _KEY_RULES = " (no leading '/', no empty, '.' or '..' segments, no backslash)"
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+# The MinIO password an earlier .env.example shipped: it is public, so it protects nothing.
+_PUBLISHED_EXAMPLE_SECRET = "change-me-to-a-long-random-password"  # noqa: S105
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,7 @@ class Settings:
     port: int = 8080
     schedule: str = "*/5 * * * *"
     api_token: str | None = field(default=None, repr=False)
+    published_address: str | None = None
     max_page_size: int = DEFAULT_MAX_PAGE_SIZE
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     log_format: str = "text"
@@ -61,7 +65,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     endpoint = _text(env, "MINIO_ENDPOINT")
     if endpoint is not None and not _ENDPOINT.match(endpoint):
         raise ConfigError(f"MINIO_ENDPOINT must be host:port without a scheme, got {endpoint!r}")
-    access, secret = _text(env, "MINIO_ACCESS_KEY"), _text(env, "MINIO_SECRET_KEY")
+    access, secret = _text(env, "MINIO_ACCESS_KEY"), _secret_key(env)
     if endpoint is not None and (access is None or secret is None):
         raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
     return Settings(
@@ -80,6 +84,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         port=_int(env, "PORT", 8080, 0, 65535),
         schedule=_schedule(env),
         api_token=_text(env, "API_TOKEN"),
+        published_address=_published_address(env),
         max_page_size=_int(env, "MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE, 1, 1_000_000),
         max_image_bytes=_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, 1, 1 << 40),
         log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
@@ -153,6 +158,40 @@ def _check_locations(src_prefix: str, output_key: str) -> None:
     # Listed with the sources, `output.csv` would be read as user "output"'s file and rejected every run.
     if output_key.startswith(src_prefix):
         raise ConfigError(f"OUTPUT_KEY {output_key!r} must not be under SRC_PREFIX {src_prefix!r}")
+
+
+def _secret_key(env: Mapping[str, str]) -> str | None:
+    secret = _text(env, "MINIO_SECRET_KEY")
+    if secret == _PUBLISHED_EXAMPLE_SECRET:
+        raise ConfigError(
+            "MINIO_SECRET_KEY is the example password of an earlier .env.example, which anyone can read: "
+            "choose a random one, e.g. `openssl rand -hex 24` (with docker compose: MINIO_ROOT_PASSWORD in .env)"
+        )
+    return secret
+
+
+def _published_address(env: Mapping[str, str]) -> str | None:
+    """Where the deployment publishes the port; anywhere but loopback, starting runs must need API_TOKEN.
+
+    Inside a container the service listens on all interfaces, so only the deployment (docker-compose.yml)
+    knows whether the port is reachable from the network, and it says so here.
+    """
+    address = _text(env, "PUBLISHED_ADDRESS")
+    if address is not None and _text(env, "API_TOKEN") is None and not _is_loopback(address):
+        raise ConfigError(
+            f"API_TOKEN must be set when PUBLISHED_ADDRESS is {address!r}, not a loopback address: "
+            "otherwise anyone who can reach the port can start runs"
+        )
+    return address
+
+
+def _is_loopback(address: str) -> bool:
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _schedule(env: Mapping[str, str]) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import random
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, Iterator
 from dataclasses import dataclass
 
 from .storage import ObjectStore
@@ -57,6 +57,19 @@ def demo_objects(users: int, image_ratio: float, seed: int, first_id: int = 1000
         yield f"{number}.csv", f"first_name, last_name, birthts\n{first}, {quoted_last}, {birthts}\n".encode()
         if rng.random() < image_ratio:
             yield f"{number}.png", tiny_png(number)
+
+
+async def has_objects(store: ObjectStore, prefix: str) -> bool:
+    """Whether anything is stored under `prefix`, from the first page of the listing, not a walk of it all.
+
+    The listing is closed at once, so that an adapter's open list request does not outlive the answer.
+    """
+    listing = store.list(prefix)
+    try:
+        return bool(await anext(listing, []))
+    finally:
+        if isinstance(listing, AsyncGenerator):
+            await listing.aclose()
 
 
 async def write_demo_data(

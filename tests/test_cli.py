@@ -57,6 +57,28 @@ def test_demo_data_then_process(tmp_path: Path) -> None:
     assert len(output.splitlines()) == 301
 
 
+def test_demo_data_if_empty_writes_only_into_an_empty_source_prefix(tmp_path: Path) -> None:
+    env = {"DATA_DIR": str(tmp_path)}
+    output = tmp_path / "datalake" / "processed_data" / "output.csv"
+    output.parent.mkdir(parents=True)
+    output.write_text("user_id,first_name,last_name,birthts,img_path\n")  # outside the prefix: not counted
+    first = cli("demo-data", "--users", "20", "--if-empty", env=env)
+    assert first.returncode == 0, first.stderr
+    assert "wrote 20 users" in first.stdout
+
+    source = tmp_path / "datalake" / "src-data"
+    (source / "1000.csv").unlink()
+    (source / "1001.csv").write_text("first_name,last_name,birthts\nEdited,Name,0\n")
+    before = {path: path.read_bytes() for path in source.rglob("*") if path.is_file()}
+    again = cli("demo-data", "--users", "20", "--if-empty", env=env)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == "datalake/src-data/ already holds objects: no demo data written (--if-empty)\n"
+    assert {path: path.read_bytes() for path in source.rglob("*") if path.is_file()} == before
+
+    without = cli("demo-data", "--users", "20", env=env)  # without the option, the demo data is written again
+    assert "wrote 20 users" in without.stdout and (source / "1000.csv").exists()
+
+
 def test_same_seed_same_data(tmp_path: Path) -> None:
     for name in ("a", "b"):
         cli("demo-data", "--users", "50", "--seed", "3", env={"DATA_DIR": str(tmp_path / name)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,8 @@ def test_minio_settings_and_secrets_hidden() -> None:
         ({"SCHEDULE": "every minute"}, "SCHEDULE"),
         ({"MAX_IMAGE_BYTES": "20M"}, "MAX_IMAGE_BYTES"),
         ({"MAX_IMAGE_BYTES": "0"}, "MAX_IMAGE_BYTES"),
+        ({**S3, "MINIO_SECRET_KEY": "change-me-to-a-long-random-password"}, "MINIO_SECRET_KEY"),
+        ({"PUBLISHED_ADDRESS": "0.0.0.0"}, "API_TOKEN"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:
@@ -99,3 +102,34 @@ def test_locations_beside_the_source_prefix() -> None:
 
 def test_max_image_bytes() -> None:
     assert load_settings({"MAX_IMAGE_BYTES": "1048576"}).max_image_bytes == 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.0.1", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("[::]", False),
+        ("192.0.2.10", False),
+        ("service.example.org", False),
+    ],
+)
+def test_a_port_published_beyond_loopback_needs_an_api_token(address: str, loopback: bool) -> None:
+    """Runs cost the store a full listing: off this machine, starting one must take the token."""
+    assert load_settings({"PUBLISHED_ADDRESS": address, "API_TOKEN": "tok-123"}).published_address == address
+    if loopback:
+        assert load_settings({"PUBLISHED_ADDRESS": address}).api_token is None
+    else:
+        with pytest.raises(ConfigError, match=rf"API_TOKEN .*PUBLISHED_ADDRESS is '{re.escape(address)}'"):
+            load_settings({"PUBLISHED_ADDRESS": address, "API_TOKEN": "  "})
+
+
+def test_without_a_published_address_no_token_is_needed() -> None:
+    """Outside compose (`docker run -p`, a local run) the service cannot know where it is published."""
+    settings = load_settings({})
+    assert settings.published_address is None and settings.api_token is None

@@ -8,11 +8,14 @@ command is run against a local HTTP server.
 
 from __future__ import annotations
 
+import ast
 import http.server
+import importlib.metadata
 import json
 import os
 import posixpath
 import re
+import secrets
 import shlex
 import socket
 import subprocess
@@ -21,14 +24,19 @@ import threading
 import tomllib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 from service.cli import _parser as cli_parser
 from service.config import Settings, load_settings
+from service.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -36,6 +44,8 @@ DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
 ENV_EXAMPLE = ROOT / ".env.example"
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+RUNTIME_LOCK = ROOT / "requirements.lock"
+TEST_LOCK = ROOT / "requirements-test.lock"
 CREDENTIALS = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER")
 
@@ -155,29 +165,20 @@ def test_graphiql_assets_stage_fetches_with_the_repo_script(stages: dict[str, St
     assert shlex.split(fetch) == ["python3", copy[1], "--dest", "/graphiql-assets"]
 
 
-def test_builder_installs_dependencies_before_the_sources(stages: dict[str, Stage]) -> None:
+def test_builder_installs_the_locked_dependencies_before_the_sources(stages: dict[str, Stage]) -> None:
     stage = stages["builder"]
-    copy_pyproject = stage.index("COPY", r"^pyproject\.toml\s")
-    install_deps = stage.index("RUN", r"pip install -r requirements\.txt")
+    copy_lock = stage.index("COPY", rf"^{RUNTIME_LOCK.name}\s")
+    install_deps = stage.index("RUN", rf"^pip install --require-hashes -r {re.escape(RUNTIME_LOCK.name)}$")
+    copy_pyproject = stage.index("COPY", r"(^|\s)pyproject\.toml\s")
     copy_sources = stage.index("COPY", r"^service\s")
-    install_package = stage.index("RUN", r"pip install \.(\s|$)")
-    assert copy_pyproject < install_deps < copy_sources < install_package
+    install_package = stage.index("RUN", r"^pip install --no-deps \.\s")
+    assert copy_lock < install_deps < copy_pyproject < copy_sources < install_package
     # setuptools reads the `readme` file while building the package metadata.
-    assert stage.index("COPY", rf"^{re.escape(PYPROJECT['project']['readme'])}\s") < install_package
+    readme = re.escape(PYPROJECT["project"]["readme"])
+    assert stage.index("COPY", rf"(^|\s){readme}\s") < install_package
+    assert "pip check" in stage.instructions[install_package].args
     runs = " ".join(run.args for stage in stages.values() for run in stage.all("RUN"))
     assert "[test]" not in runs and "pip install -e" not in runs, "no test extra, no editable install"
-
-
-def test_builder_requirements_are_the_pyproject_dependencies(stages: dict[str, Stage], tmp_path: Path) -> None:
-    """Run the builder's inline Python that turns pyproject.toml into requirements.txt."""
-    command = stages["builder"].instructions[stages["builder"].index("RUN", r"requirements\.txt")].args
-    (code,) = _python_code(command)
-    (tmp_path / "pyproject.toml").write_bytes((ROOT / "pyproject.toml").read_bytes())
-    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, check=True, timeout=60)
-    written = (tmp_path / "requirements.txt").read_text(encoding="utf-8").splitlines()
-    assert written == PYPROJECT["project"]["dependencies"]
-    for option in PYPROJECT["project"]["optional-dependencies"]["test"]:
-        assert option not in written
 
 
 def test_all_inline_python_compiles(stages: dict[str, Stage]) -> None:
@@ -358,6 +359,138 @@ def test_dockerignore_keeps_what_the_build_copies(stages: dict[str, Stage]) -> N
     assert not dockerignored("service/cli.py") and not dockerignored("service/__main__.py")
 
 
+# --- Dependency locks ---------------------------------------------------------------------------------
+
+_PIN = re.compile(r"([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
+
+
+def read_lock(path: Path) -> dict[str, Version]:
+    """Canonical distribution name -> pinned version, from a compiled lock (`name==version`, then hashes)."""
+    pins: dict[str, Version] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", "--hash=")):
+            continue
+        match = _PIN.match(line)
+        assert match, f"{path.name}: not an exact pin: {raw!r}"
+        name = canonicalize_name(match[1])
+        assert name not in pins, f"{path.name}: {name} is pinned twice"
+        pins[name] = Version(match[2])
+    return pins
+
+
+def declared(*extras: str) -> list[Requirement]:
+    """The runtime dependencies of pyproject.toml, plus those of the given extras."""
+    project = PYPROJECT["project"]
+    texts = project["dependencies"] + [text for extra in extras for text in project["optional-dependencies"][extra]]
+    return [Requirement(text) for text in texts]
+
+
+@pytest.mark.parametrize(("lock", "extras"), [(RUNTIME_LOCK, ()), (TEST_LOCK, ("test",))])
+def test_lock_pins_every_declared_dependency_within_its_range(lock: Path, extras: tuple[str, ...]) -> None:
+    pins = read_lock(lock)
+    for requirement in declared(*extras):
+        assert requirement.marker is None, f"{requirement}: the locks are compiled for one platform only"
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{requirement} is not in {lock.name}: compile the locks again (README, Development)"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{lock.name} pins {name}=={pins[name]}, outside pyproject.toml's {requirement}"
+        )
+
+
+def test_the_image_installs_the_tested_versions() -> None:
+    runtime, tested = read_lock(RUNTIME_LOCK), read_lock(TEST_LOCK)
+    differ = {
+        name: (str(version), str(tested.get(name))) for name, version in runtime.items() if tested.get(name) != version
+    }
+    assert not differ, f"{RUNTIME_LOCK.name} and {TEST_LOCK.name} disagree (runtime, tested): {differ}"
+    assert "pytest" in tested and "pytest" not in runtime, "the runtime lock must not hold the test extra"
+
+
+def test_runtime_lock_has_a_hash_for_every_pin() -> None:
+    """The image installs with `--require-hashes`: a pin without hashes would stop the build."""
+    text = RUNTIME_LOCK.read_text(encoding="utf-8")
+    hashed = re.findall(r"^(\S+)==\S+(?: \\\n\s+--hash=sha256:[0-9a-f]{64})+", text, flags=re.MULTILINE)
+    assert len(hashed) == len(read_lock(RUNTIME_LOCK))
+
+
+def _imported_modules(*folders: str) -> dict[str, set[str]]:
+    """Top-level module of every absolute import in the folders' Python files -> the files importing it.
+
+    The standard library and the repository's own modules (the package, test and bench helpers) are left out.
+    """
+    files = [path for folder in folders for path in sorted((ROOT / folder).rglob("*.py"))]
+    local = {"service"} | {path.stem for path in files}
+    imported: dict[str, set[str]] = {}
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                top = module.partition(".")[0]
+                if top not in sys.stdlib_module_names and top not in local:
+                    imported.setdefault(top, set()).add(str(path.relative_to(ROOT)))
+    return imported
+
+
+@pytest.mark.parametrize(("folders", "extras"), [(("service",), ()), (("tests", "bench", "scripts"), ("test",))])
+def test_every_imported_package_is_declared(folders: tuple[str, ...], extras: tuple[str, ...]) -> None:
+    """A module that is only there as someone else's dependency can vanish with any upgrade of that one."""
+    names = {canonicalize_name(requirement.name) for requirement in declared(*extras)}
+    providers = importlib.metadata.packages_distributions()
+    imported = _imported_modules(*folders)
+    assert {"aiohttp", "pandas", "strawberry"} <= set(imported) or "pytest" in imported, "the scan found nothing"
+    for module, files in sorted(imported.items()):
+        distributions = {canonicalize_name(name) for name in providers.get(module, [])}
+        assert distributions, f"{module} (imported by {sorted(files)}) is not installed"
+        assert distributions & names, (
+            f"{module} (imported by {sorted(files)}) comes from {sorted(distributions)}, not declared in pyproject.toml"
+        )
+
+
+def _pip_installs(text: str) -> list[list[str]]:
+    """The arguments of each `pip install` in shell text, one command at a time (`&&`, `;`, `|`, lines)."""
+    installs = []
+    for line in text.replace("\\\n", " ").splitlines():
+        lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
+        command: list[str] = []
+        for token in [*lexer, ";"]:
+            if not re.fullmatch(r"[;&|()]+", token):
+                command.append(token)
+                continue
+            if len(command) > 1 and re.fullmatch(r"(\S*/)?pip3?", command[0]) and command[1] == "install":
+                installs.append(command[2:])
+            command = []
+    return installs
+
+
+def _from_a_lock(arguments: list[str]) -> bool:
+    pairs = set(pairwise(arguments))
+    return "--no-deps" in arguments or bool(pairs & {("-r", RUNTIME_LOCK.name), ("-c", TEST_LOCK.name)})
+
+
+def test_every_install_resolves_from_a_lock(stages: dict[str, Stage]) -> None:
+    readme = "\n".join(re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.DOTALL))
+    sources = {
+        "README.md": readme,
+        ".ci/run": (ROOT / ".ci" / "run").read_text(encoding="utf-8"),
+        "Dockerfile": "\n".join(run.args for stage in stages.values() for run in stage.all("RUN")),
+    }
+    for source, text in sources.items():
+        installs = _pip_installs(text)
+        assert installs, f"no pip install found in {source}"
+        for arguments in installs:
+            assert _from_a_lock(arguments), (
+                f"{source}: `pip install {shlex.join(arguments)}` resolves unpinned versions"
+            )
+    for source in ("README.md", ".ci/run"):
+        assert ["-c", TEST_LOCK.name, "-e", ".[test]"] in _pip_installs(sources[source]), source
+
+
 # --- docker-compose.yml and .env.example ---------------------------------------------------------------
 
 
@@ -437,6 +570,12 @@ def example_env() -> dict[str, str]:
     return read_env_file(ENV_EXAMPLE)
 
 
+@pytest.fixture(scope="module")
+def dot_env(example_env: dict[str, str]) -> dict[str, str]:
+    """A .env made as the example says: copied, with a password like `openssl rand -hex 24` gives."""
+    return {**example_env, "MINIO_ROOT_PASSWORD": secrets.token_hex(24)}
+
+
 def environment(service: dict[str, Any]) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
@@ -459,7 +598,7 @@ def test_config_variable_scan_finds_the_documented_names() -> None:
     assert {
         "MINIO_ENDPOINT", "MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "MINIO_SECURE", "DATA_DIR", "BUCKET",
         "SRC_PREFIX", "OUTPUT_KEY", "FETCH_CONCURRENCY", "HOST", "PORT", "SCHEDULE", "API_TOKEN",
-        "MAX_PAGE_SIZE",
+        "MAX_PAGE_SIZE", "PUBLISHED_ADDRESS",
     } <= config_variables()  # fmt: skip
 
 
@@ -504,14 +643,18 @@ def test_init_loads_demo_data_once_with_the_service_image(compose: dict[str, Any
     assert command[:3] == ["python", "-m", "service"]
     args = cli_parser().parse_args(command[3:])
     assert args.handler.__name__ == "_demo" and args.users == 1000 and args.with_bad_files
-    assert "--with-bad-files" in command, "spell options out (argparse also accepts prefixes)"
+    # Compose runs `init` on every `up`: only an empty source prefix gets the demo data.
+    assert args.if_empty
+    assert {"--with-bad-files", "--if-empty"} <= set(command), "spell options out (argparse also accepts prefixes)"
     assert init["depends_on"] == {"minio": {"condition": "service_healthy"}}
     assert init["restart"] == "no"
 
 
-def test_service_ports_dependencies_and_restart(stages: dict[str, Stage], compose: dict[str, Any]) -> None:
+def test_service_ports_dependencies_and_restart(
+    stages: dict[str, Stage], compose: dict[str, Any], dot_env: dict[str, str]
+) -> None:
     service = compose["services"]["service"]
-    assert service["ports"] == ["8080:8080"]
+    assert resolve(service["ports"], dot_env) == ["127.0.0.1:8080:8080"]
     assert container_port(service["ports"][0]) == Settings().port
     assert stages["final"].one("EXPOSE").args == str(Settings().port)
     assert "PORT" not in environment(service), "the published port relies on the default PORT"
@@ -523,37 +666,38 @@ def test_service_ports_dependencies_and_restart(stages: dict[str, Stage], compos
 
 
 @pytest.mark.parametrize("name", ["init", "service"])
-def test_environment_is_the_documented_config(compose: dict[str, Any], example_env: dict[str, str], name: str) -> None:
+def test_environment_is_the_documented_config(compose: dict[str, Any], dot_env: dict[str, str], name: str) -> None:
     env = environment(compose["services"][name])
     unknown = set(env) - config_variables()
     assert not unknown, f"{name} gets variables service/config.py does not read: {sorted(unknown)}"
-    settings = load_settings(resolve(env, example_env))
+    settings = load_settings(resolve(env, dot_env))
     assert settings.uses_minio
     host, _, port = (settings.minio_endpoint or "").partition(":")
     assert host in compose["services"] and host == "minio" and port == "9000"
     assert not settings.minio_secure
-    assert settings.minio_access_key == example_env["MINIO_ROOT_USER"]
-    assert settings.minio_secret_key == example_env["MINIO_ROOT_PASSWORD"]
+    assert settings.minio_access_key == dot_env["MINIO_ROOT_USER"]
+    assert settings.minio_secret_key == dot_env["MINIO_ROOT_PASSWORD"]
 
 
-def test_init_writes_where_the_service_reads(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+def test_init_writes_where_the_service_reads(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
     init, service = (
-        load_settings(resolve(environment(compose["services"][name]), example_env)) for name in ("init", "service")
+        load_settings(resolve(environment(compose["services"][name]), dot_env)) for name in ("init", "service")
     )
     assert (init.minio_endpoint, init.bucket, init.src_prefix) == (
         service.minio_endpoint, service.bucket, service.src_prefix
     )  # fmt: skip
-    minio_env = resolve(environment(compose["services"]["minio"]), example_env)
+    minio_env = resolve(environment(compose["services"]["minio"]), dot_env)
     assert (init.minio_access_key, init.minio_secret_key) == (
         minio_env["MINIO_ROOT_USER"], minio_env["MINIO_ROOT_PASSWORD"]
     )  # fmt: skip
 
 
-def test_optional_variables_pass_through(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+def test_optional_variables_pass_through(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
     env = environment(compose["services"]["service"])
-    unset = {key: example_env[key] for key in CREDENTIALS}
+    unset = {key: dot_env[key] for key in CREDENTIALS}
     defaults = load_settings(resolve(env, unset))
     assert defaults.api_token is None and defaults.schedule == Settings().schedule
+    assert defaults.published_address == "127.0.0.1"
     custom = load_settings(resolve(env, {**unset, "API_TOKEN": "tok-123", "SCHEDULE": "0 * * * *"}))
     assert custom.api_token == "tok-123" and custom.schedule == "0 * * * *"
 
@@ -561,9 +705,9 @@ def test_optional_variables_pass_through(compose: dict[str, Any], example_env: d
 @pytest.mark.parametrize("missing", CREDENTIALS)
 @pytest.mark.parametrize("blank", [False, True])
 def test_missing_credentials_stop_compose_with_a_hint(
-    compose: dict[str, Any], example_env: dict[str, str], missing: str, blank: bool
+    compose: dict[str, Any], dot_env: dict[str, str], missing: str, blank: bool
 ) -> None:
-    env = {key: value for key, value in example_env.items() if key != missing}
+    env = {key: value for key, value in dot_env.items() if key != missing}
     if blank:
         env[missing] = ""
     for name in ("minio", "init", "service"):
@@ -585,11 +729,50 @@ def test_no_secret_literals(compose: dict[str, Any], compose_text: str, example_
             assert value not in compose_text, f"the example value of {key} is written in compose"
 
 
+def test_every_port_is_published_on_loopback_by_default(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
+    """A bare `8080:8080` publishes on every interface of the host, whatever API_TOKEN says."""
+    for name, service in compose["services"].items():
+        for mapping in resolve(service.get("ports", []), dot_env):
+            address = str(mapping).rsplit(":", 2)[0]
+            assert str(mapping).count(":") == 2 and address == "127.0.0.1", f"{name} publishes {mapping!r}"
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "192.0.2.10", "[::]", "127.0.0.1", "[::1]"])
+def test_publishing_beyond_loopback_needs_an_api_token(
+    compose: dict[str, Any], dot_env: dict[str, str], address: str
+) -> None:
+    service = compose["services"]["service"]
+    chosen = {**dot_env, "PUBLISHED_ADDRESS": address}
+    (mapping,) = resolve(service["ports"], chosen)
+    assert mapping == f"{address}:8080:8080"
+    env = resolve(environment(service), chosen)
+    assert env["PUBLISHED_ADDRESS"] == address, "the service must be told where its port is published"
+    if address in ("127.0.0.1", "[::1]"):
+        assert load_settings(env).api_token is None
+    else:
+        with pytest.raises(ConfigError, match=r"API_TOKEN .*PUBLISHED_ADDRESS"):
+            load_settings(env)
+    assert load_settings({**env, "API_TOKEN": "tok-123"}).published_address == address
+
+
+def test_env_example_has_no_usable_password(compose: dict[str, Any], example_env: dict[str, str]) -> None:
+    """`cp .env.example .env && docker compose up` stops and says how to make a password."""
+    assert example_env["MINIO_ROOT_PASSWORD"] == ""
+    for name in ("minio", "init", "service"):
+        with pytest.raises(MissingVariable, match=r"MINIO_ROOT_PASSWORD .*openssl rand -hex 24"):
+            resolve(environment(compose["services"][name]), example_env)
+    # An older .env.example shipped this password: a .env copied from it stops the init and the service.
+    published = {**example_env, "MINIO_ROOT_PASSWORD": "change-me-to-a-long-random-password"}
+    for name in ("init", "service"):
+        with pytest.raises(ConfigError, match="MINIO_SECRET_KEY"):
+            load_settings(resolve(environment(compose["services"][name]), published))
+
+
 def test_env_example_defines_exactly_what_compose_interpolates(compose_text: str, example_env: dict[str, str]) -> None:
     used = {match["name"] or match["bare"] for match in _INTERPOLATION.finditer(compose_text) if not match["escaped"]}
     assert set(CREDENTIALS) <= used
     assert used == set(example_env), f"used {sorted(used)}, .env.example {sorted(example_env)}"
     example = ENV_EXAMPLE.read_text(encoding="utf-8")
     assert re.search(r"#.*change me.*\n(#.*\n)*MINIO_ROOT_PASSWORD=", example, re.IGNORECASE)
-    assert len(example_env["MINIO_ROOT_USER"]) >= 3 and len(example_env["MINIO_ROOT_PASSWORD"]) >= 8
+    assert len(example_env["MINIO_ROOT_USER"]) >= 3
     assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()

@@ -21,6 +21,7 @@ from miniopy_async import Minio
 from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
 
+from service.demo import has_objects
 from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, StorageError
 from service.local_store import LocalStore
 from service.minio_store import MinioStore
@@ -134,6 +135,15 @@ async def test_list_paginates_beyond_1000_objects(store: ObjectStore) -> None:
     assert len(pages) >= 2
     assert all(0 < len(page) <= 1000 for page in pages)
     assert [info.key for page in pages for info in page] == keys
+
+
+async def test_has_objects_answers_from_the_first_page_and_closes_the_listing(store: ObjectStore) -> None:
+    """`demo-data --if-empty` asks this of a bucket that may hold a great many objects."""
+    assert not await has_objects(store, "many/")
+    await put_all(store, [f"many/{i:05d}.csv" for i in range(1100)])
+    assert await has_objects(store, "many/")  # closed after the first of two pages
+    assert await has_objects(store, "many/0109")
+    assert not await has_objects(store, "man/")
 
 
 async def test_prefix_filtering(store: ObjectStore) -> None:
