@@ -21,7 +21,7 @@ from miniopy_async import Minio
 from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
 
-from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, StorageError
+from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, PreconditionFailed, StorageError
 from service.local_store import LocalStore
 from service.minio_store import MinioStore
 from service.storage import ObjectInfo, ObjectStore
@@ -249,6 +249,98 @@ async def test_last_modified_is_utc_and_recent(store: ObjectStore) -> None:
         assert before - timedelta(seconds=2) <= info.last_modified <= after + timedelta(seconds=1)
 
 
+# -- contract: conditional writes --------------------------------------------------------------
+
+RACERS = 30
+
+
+async def race(puts: list[Awaitable[str]]) -> list[str | BaseException]:
+    """Run the puts at once: each one's ETag or what it raised."""
+    return await asyncio.gather(*puts, return_exceptions=True)
+
+
+def one_winner(bodies: list[bytes], outcomes: list[str | BaseException]) -> tuple[bytes, str]:
+    """The body and ETag of the only put that succeeded; every other one failed its precondition."""
+    winners = [(body, etag) for body, etag in zip(bodies, outcomes, strict=True) if isinstance(etag, str)]
+    assert len(winners) == 1, outcomes
+    lost = [outcome for outcome in outcomes if not isinstance(outcome, str)]
+    assert len(lost) == len(bodies) - 1
+    assert all(isinstance(exc, PreconditionFailed) for exc in lost), lost
+    return winners[0]
+
+
+async def test_create_if_absent(store: ObjectStore) -> None:
+    etag = await store.put("lease.json", b"first", if_none_match=True)
+    assert etag == (await store.stat("lease.json")).etag
+    assert (await listed(store))["lease.json"].etag == etag
+    with pytest.raises(PreconditionFailed, match=r"lease\.json"):
+        await store.put("lease.json", b"second", if_none_match=True)
+    assert await store.get("lease.json") == b"first"
+    assert (await store.stat("lease.json")).etag == etag
+    # The condition belongs to that one call: a plain put still overwrites.
+    assert await store.put("lease.json", b"third") != etag
+    await store.delete("lease.json")
+    assert await store.put("lease.json", b"fourth", if_none_match=True) == (await store.stat("lease.json")).etag
+
+
+async def test_put_if_match(store: ObjectStore) -> None:
+    first = await store.put("state.json", b"v1")
+    second = await store.put("state.json", b"v2", if_match=first)
+    assert second != first
+    assert second == (await store.stat("state.json")).etag
+    assert await store.get("state.json") == b"v2"
+    with pytest.raises(PreconditionFailed, match=r"state\.json"):
+        await store.put("state.json", b"stale", if_match=first)
+    assert await store.get("state.json") == b"v2"
+    third = await store.put("state.json", b"v3", if_match=second)
+    assert third == (await store.stat("state.json")).etag == (await listed(store))["state.json"].etag
+    assert await store.get("state.json") == b"v3"
+
+
+async def test_put_if_match_on_a_missing_object_fails(store: ObjectStore) -> None:
+    etag = await store.put("gone.json", b"v1")
+    await store.delete("gone.json")
+    with pytest.raises(PreconditionFailed, match=r"gone\.json"):
+        await store.put("gone.json", b"v2", if_match=etag)
+    with pytest.raises(PreconditionFailed, match=r"never\.json"):
+        await store.put("never.json", b"v1", if_match=etag)
+    assert not await store.exists("gone.json")
+    assert not await store.exists("never.json")
+
+
+async def test_an_etag_replaced_by_objects_of_the_same_size_no_longer_matches(store: ObjectStore) -> None:
+    old = await store.put("s.json", b"aaaa")
+    for body in (b"bbbb", b"cccc", b"dddd"):  # same size; a file system reuses the freed inode at once
+        await store.put("s.json", body)
+    with pytest.raises(PreconditionFailed):
+        await store.put("s.json", b"late", if_match=old)
+    assert await store.get("s.json") == b"dddd"
+
+
+@pytest.mark.parametrize(
+    ("if_match", "if_none_match"), [("abc", True), ("", False), ('""', False)], ids=["both", "empty", "quotes"]
+)
+async def test_impossible_conditions_are_refused(store: ObjectStore, if_match: str, if_none_match: bool) -> None:
+    with pytest.raises(ValueError, match="if_match"):
+        await store.put("x.json", b"x", if_match=if_match, if_none_match=if_none_match)
+    assert not await store.exists("x.json")
+
+
+async def test_racing_creators_one_wins(store: ObjectStore) -> None:
+    bodies = [f"racer {i}".encode() for i in range(RACERS)]
+    body, etag = one_winner(bodies, await race([store.put("lease.json", b, if_none_match=True) for b in bodies]))
+    assert await store.get("lease.json") == body
+    assert (await store.stat("lease.json")).etag == etag
+
+
+async def test_racing_updaters_on_one_etag_one_wins(store: ObjectStore) -> None:
+    base = await store.put("state.json", b"base")
+    bodies = [f"update {i}".encode() for i in range(RACERS)]
+    body, etag = one_winner(bodies, await race([store.put("state.json", b, if_match=base) for b in bodies]))
+    assert await store.get("state.json") == body
+    assert (await store.stat("state.json")).etag == etag
+
+
 # -- local adapter only ----------------------------------------------------------------------
 
 
@@ -264,6 +356,101 @@ async def test_written_files_follow_the_umask(local_store: LocalStore, tmp_path:
     root = tmp_path / "data" / "bucket"
     for key in ("src-data/1.csv", "processed_data/output.csv"):
         assert stat.S_IMODE((root / key).stat().st_mode) == 0o666 & ~umask, key
+
+
+async def test_etags_differ_even_when_the_clock_stands_still(
+    local_store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coarse file-system clock gives files written within one tick the same modification time, and
+    # a replaced file's inode is reused at once: the ETag (mtime, size, inode) would come back.
+    still = 1_700_000_000_000_000_000
+    monkeypatch.setattr("service.local_store._clock", lambda: still)
+    etags = [await local_store.put("s.json", b"same") for _ in range(50)]
+    assert len(set(etags)) == len(etags)
+    assert (tmp_path / "data" / "bucket" / "s.json").stat().st_mtime_ns == still + 49  # one nanosecond apart
+    with pytest.raises(PreconditionFailed):
+        await local_store.put("s.json", b"late", if_match=etags[0])
+    assert await local_store.put("s.json", b"next", if_match=etags[-1]) == (await local_store.stat("s.json")).etag
+
+
+# Conditional racers in a child process: prints "ready", waits for a line on stdin, then for each key
+# in turn makes its puts at once; prints {key: [[body, ETag or null], ...]}. `bases` maps each key to
+# the ETag to update ("" to create the key).
+_RACERS = """
+import asyncio, json, sys
+from pathlib import Path
+from service.errors import PreconditionFailed
+from service.local_store import LocalStore
+
+async def main(data_dir, name, count, bases):
+    store = LocalStore(Path(data_dir), "bucket")
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+
+    async def put(key, body):
+        try:
+            etag = await store.put(key, body.encode(), if_match=bases[key] or None, if_none_match=not bases[key])
+        except PreconditionFailed:
+            etag = None
+        return [body, etag]
+
+    outcomes = {}
+    for key in bases:
+        outcomes[key] = await asyncio.gather(*(put(key, f"{name}-{i}") for i in range(count)))
+    print(json.dumps(outcomes), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])))
+"""
+RACING_PROCESSES = 6
+
+
+async def race_in_processes(data_dir: Path, bases: dict[str, str]) -> dict[str, list[tuple[str, str | None]]]:
+    """RACERS conditional puts of each key, from RACING_PROCESSES processes started together."""
+    each = str(RACERS // RACING_PROCESSES)
+    children = [
+        await asyncio.create_subprocess_exec(
+            *[sys.executable, "-c", _RACERS, str(data_dir), f"p{n}", each, json.dumps(bases)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for n in range(RACING_PROCESSES)
+    ]
+    try:
+        async with asyncio.timeout(60):
+            for child in children:
+                assert child.stdout is not None
+                assert await child.stdout.readline() == b"ready\n"
+            for child in children:  # every one is waiting: let them all go
+                assert child.stdin is not None
+                child.stdin.write(b"go\n")
+                await child.stdin.drain()
+            outputs = [await child.communicate() for child in children]
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    assert [child.returncode for child in children] == [0] * RACING_PROCESSES
+    outcomes: dict[str, list[tuple[str, str | None]]] = {key: [] for key in bases}
+    for stdout, _ in outputs:
+        for key, results in json.loads(stdout).items():
+            outcomes[key] += [(body, etag) for body, etag in results]
+    return outcomes
+
+
+@pytest.mark.parametrize("condition", ["create", "update"])
+async def test_racers_in_several_processes_one_wins(local_store: LocalStore, tmp_path: Path, condition: str) -> None:
+    keys = [f"leases/{i:02d}.json" for i in range(20)]
+    bases = {key: await local_store.put(key, b"base") if condition == "update" else "" for key in keys}
+    outcomes = await race_in_processes(tmp_path / "data", bases)
+    for key in keys:
+        assert len(outcomes[key]) == RACERS
+        winners = [(body, etag) for body, etag in outcomes[key] if etag is not None]
+        assert len(winners) == 1, (key, outcomes[key])
+        body, etag = winners[0]
+        assert await local_store.get(key) == body.encode()
+        assert (await local_store.stat(key)).etag == etag
 
 
 # Run in a child process that obeys file modes: every way to read a file of mode 000, and one
