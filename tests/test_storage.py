@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from miniopy_async import Minio
 from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
@@ -568,6 +572,8 @@ async def test_every_operation_raises_storage_errors(closed_port: int) -> None:
         ("users/1.csv", lambda: store.stat("users/1.csv")),
         ("users/1.csv", lambda: store.exists("users/1.csv")),
         ("users/1.csv", lambda: store.put("users/1.csv", b"x")),
+        ("users/1.csv", lambda: store.put("users/1.csv", b"x", if_none_match=True)),
+        ("users/1.csv", lambda: store.put("users/1.csv", b"x", if_match="abc")),
         ("users/1.csv", lambda: store.delete("users/1.csv")),
         ("users/", lambda: pages_of(store, "users/")),
         ("bucket", store.ensure_bucket),
@@ -682,6 +688,221 @@ async def test_ensure_bucket_creates_a_missing_bucket_once(seaweed: SeaweedServe
         assert await stores[1].get("a.csv") == b"a"
     finally:
         await asyncio.gather(*(store.close() for store in stores))
+
+
+# -- S3 adapter: conditional writes ----------------------------------------------------------------
+
+_REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) (/\S*) HTTP/1\.1\r\n")
+
+
+class LosingProxy:
+    """A TCP proxy to the S3 server that loses the answers to the next `lose` PUTs: each is forwarded and
+    answered (so applied), then the connection is cut before the answer reaches the client, after
+    awaiting `on_loss`. `requests` records (method, path) of every request."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self.lose = 0
+        self.on_loss: Callable[[], Awaitable[None]] | None = None
+        self.requests: list[tuple[str, str]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def puts(self, key: str) -> int:
+        return sum(1 for method, path in self.requests if method == "PUT" and path.endswith("/" + key))
+
+    async def start(self) -> LosingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        losing = asyncio.Event()  # the request in flight on this connection is to lose its answer
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+
+        async def requests() -> None:
+            while chunk := await reader.read(65536):
+                for match in _REQUEST_LINE.finditer(chunk):
+                    self.requests.append((match[1].decode(), match[2].decode().partition("?")[0]))
+                    if match[1] == b"PUT" and self.lose > 0:
+                        self.lose -= 1
+                        losing.set()
+                up_writer.write(chunk)
+                await up_writer.drain()
+
+        async def answers() -> None:
+            while chunk := await up_reader.read(65536):
+                if losing.is_set():
+                    if self.on_loss is not None:
+                        await self.on_loss()
+                    return  # the answer is dropped with the connection
+                writer.write(chunk)
+                await writer.drain()
+
+        pipes = [asyncio.ensure_future(requests()), asyncio.ensure_future(answers())]
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pipe in pipes:
+                pipe.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+            writer.transport.abort()
+            up_writer.transport.abort()
+            self._tasks.discard(task)
+
+
+def endpoint_in_the_log_only(exc: StorageError, endpoint: str) -> bool:
+    return endpoint not in str(exc) and endpoint in exc.for_log()
+
+
+@pytest.fixture
+async def losing(seaweed: SeaweedServer, minio_store: MinioStore) -> AsyncIterator[tuple[LosingProxy, MinioStore]]:
+    """A losing proxy to the server, and a store on `minio_store`'s bucket through it."""
+    proxy = await LosingProxy(seaweed.endpoint).start()
+    store = MinioStore(proxy.endpoint, seaweed.access_key, seaweed.secret_key, minio_store.bucket, timeout=5.0)
+    try:
+        yield proxy, store
+    finally:
+        await store.close()
+        await proxy.close()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("condition", ["create", "update"])
+@pytest.mark.parametrize("lost", [1, 2], ids=["retried-by-aiohttp", "retried-by-the-store"])
+async def test_a_conditional_put_whose_answer_was_lost_is_ours(
+    losing: tuple[LosingProxy, MinioStore], minio_store: MinioStore, condition: str, lost: int
+) -> None:
+    # The PUT is applied but its answer lost; a retry fails its precondition on our own write. aiohttp
+    # resends an idempotent request once by itself when the connection drops; a second loss is the
+    # store's to retry. The object holds our bytes (its ETag is their MD5): the put succeeded.
+    proxy, store = losing
+    base = await minio_store.put("lease.json", b"base") if condition == "update" else None
+    proxy.lose = lost
+    etag = await store.put("lease.json", b"ours", if_match=base, if_none_match=base is None)
+    assert etag == hashlib.md5(b"ours").hexdigest() == (await minio_store.stat("lease.json")).etag
+    assert await minio_store.get("lease.json") == b"ours"
+    assert proxy.puts("lease.json") == lost + 1
+
+
+@pytest.mark.s3
+async def test_a_lost_answer_then_another_write_is_an_unknown_outcome(
+    losing: tuple[LosingProxy, MinioStore], minio_store: MinioStore
+) -> None:
+    # Applied, answer lost, then replaced by another writer before the retry: the retry's 412 cannot
+    # tell "never applied" from "applied, then replaced". Not PreconditionFailed (nothing written).
+    proxy, store = losing
+
+    async def another_writer() -> None:
+        await minio_store.put("lease.json", b"theirs")
+
+    proxy.lose, proxy.on_loss = 1, another_writer
+    with pytest.raises(StorageError, match=r"^cannot write 'lease\.json': .*unknown") as caught:
+        await store.put("lease.json", b"ours", if_none_match=True)
+    assert not isinstance(caught.value, PreconditionFailed)
+    assert endpoint_in_the_log_only(caught.value, proxy.endpoint)
+    assert await minio_store.get("lease.json") == b"theirs"
+
+
+@pytest.mark.s3
+async def test_a_failed_precondition_is_not_retried(losing: tuple[LosingProxy, MinioStore]) -> None:
+    proxy, store = losing
+    etag = await store.put("lease.json", b"base", if_none_match=True)
+    began = time.monotonic()
+    with pytest.raises(PreconditionFailed, match=r"^cannot write 'lease\.json': PreconditionFailed: ") as caught:
+        await store.put("lease.json", b"again", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        await store.put("lease.json", b"stale", if_match="0" * 32)
+    assert time.monotonic() - began < 1.0
+    assert proxy.puts("lease.json") == 3
+    assert "attempts" not in str(caught.value)
+    assert endpoint_in_the_log_only(caught.value, proxy.endpoint)
+    assert (await store.stat("lease.json")).etag == etag
+
+
+class FakeS3:
+    """Answers every PUT with `answer` (status, XML body or none), counting them; and the bucket's region."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, str | None] = (200, None)
+        self.puts = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.method == "GET" and "location" in request.query:
+            return web.Response(
+                text="<LocationConstraint>us-east-1</LocationConstraint>", content_type="application/xml"
+            )
+        await request.read()
+        self.puts += request.method == "PUT"
+        status, body = self.answer
+        if body is None:
+            return web.Response(status=status, headers={"ETag": '"abc"'} if status == 200 else {})
+        return web.Response(status=status, text=body, content_type="application/xml")
+
+
+def s3_error(code: str) -> str:
+    return f"<Error><Code>{code}</Code><Message>{code} here</Message><Key>k.json</Key></Error>"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (412, s3_error("PreconditionFailed")),
+        (412, None),  # no XML body (a proxy in between)
+        (409, s3_error("ConditionalRequestConflict")),  # S3: a concurrent conditional write in progress
+        (404, s3_error("NoSuchKey")),  # S3's answer to If-Match on a missing object
+    ],
+    ids=["412", "412-no-body", "409-conflict", "404-no-such-key"],
+)
+async def test_answers_of_a_lost_condition_are_precondition_failures(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], answer: tuple[int, str | None]
+) -> None:
+    fake = FakeS3()
+    server = await aiohttp_server(fake.app())
+    store = MinioStore(f"127.0.0.1:{server.port}", "access", SECRET, "bucket", retries=3)
+    fake.answer = answer
+    try:
+        with pytest.raises(PreconditionFailed, match=r"^cannot write 'k\.json'"):
+            await store.put("k.json", b"x", if_match="abc")
+    finally:
+        await store.close()
+    assert fake.puts == 1  # not retried
+
+
+@pytest.mark.parametrize("answer", [(409, s3_error("OperationAborted")), (404, s3_error("NoSuchBucket"))])
+async def test_other_failed_conditional_puts_are_store_errors(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], answer: tuple[int, str | None]
+) -> None:
+    fake = FakeS3()
+    server = await aiohttp_server(fake.app())
+    store = MinioStore(f"127.0.0.1:{server.port}", "access", SECRET, "bucket", retries=3)
+    fake.answer = answer
+    try:
+        with pytest.raises(StorageError) as caught:
+            await store.put("k.json", b"x", if_none_match=True)
+    finally:
+        await store.close()
+    assert not isinstance(caught.value, PreconditionFailed | ObjectNotFound)
 
 
 def test_repr_hides_the_secret() -> None:
