@@ -194,7 +194,8 @@ class MinioStore:
 
         The SDK's `put_object` takes no request headers (its `metadata` turns them into `X-Amz-Meta-*`),
         so the condition travels in a context variable to the session's middleware. `part_size` equal
-        to the length makes it one PUT whatever the size: a multipart upload would not carry it.
+        to the length makes it one PUT whatever the size (S3 takes up to 5 GiB so): a multipart upload
+        would send the condition with its parts, not with the completion that creates the object.
         """
 
         async def put_once() -> str:
@@ -209,12 +210,14 @@ class MinioStore:
 
         try:
             return await self._call("write", key, put_once)
-        except ObjectNotFound as exc:  # S3's answer to If-Match on a missing object (SeaweedFS says 412)
-            raise PreconditionFailed(str(exc), where=exc.where) from exc.__cause__
-        except PreconditionFailed as exc:
-            if not condition.maybe_applied:
+        except (PreconditionFailed, ObjectNotFound) as exc:
+            # S3 answers If-Match on a missing object with 404 NoSuchKey (SeaweedFS with 412).
+            failed = exc if isinstance(exc, PreconditionFailed) else PreconditionFailed(str(exc), where=exc.where)
+            if condition.maybe_applied:
+                return await self._lost_answer(key, data, failed)
+            if failed is exc:
                 raise
-            return await self._lost_answer(key, data, exc)
+            raise failed from exc.__cause__
 
     async def _lost_answer(self, key: str, data: bytes, failed: PreconditionFailed) -> str:
         """A retry of a conditional PUT failed its precondition after an earlier attempt went unanswered.

@@ -835,6 +835,20 @@ async def test_a_failed_precondition_is_not_retried(losing: tuple[LosingProxy, M
     assert (await store.stat("lease.json")).etag == etag
 
 
+@pytest.mark.s3
+async def test_a_large_conditional_put_is_one_put(losing: tuple[LosingProxy, MinioStore]) -> None:
+    # Above 5 MiB the SDK would upload in parts, and the condition would go with the parts, not with
+    # the completion that creates the object.
+    proxy, store = losing
+    data = bytes(range(256)) * (24 * 1024 + 1)  # 6 MiB and 256 bytes
+    etag = await store.put("big.bin", data, if_none_match=True)
+    assert etag == hashlib.md5(data).hexdigest()  # a multipart ETag would end in "-<parts>"
+    assert [method for method, path in proxy.requests if path.endswith("/big.bin")] == ["PUT"]
+    with pytest.raises(PreconditionFailed):
+        await store.put("big.bin", data, if_none_match=True)
+    assert await store.put("big.bin", data[:-1], if_match=etag) == (await store.stat("big.bin")).etag
+
+
 class FakeS3:
     """Answers every PUT with `answer` (status, XML body or none), counting them; and the bucket's region."""
 
