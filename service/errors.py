@@ -39,6 +39,11 @@ class ObjectUnreadable(StorageError):
     """
 
 
+class PreconditionFailed(StorageError):
+    """A conditional write found the object not as required (another ETag, present or absent): nothing
+    was written. Read the object again and decide anew; retrying the same write cannot succeed."""
+
+
 class InvalidKey(StorageError):
     """An object key that the store refuses (empty, absolute, or with `..` segments)."""
 

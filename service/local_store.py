@@ -1,24 +1,32 @@
-"""Embedded object store: bucket `B`, key `K` is the file `DATA_DIR/B/K`."""
+"""Embedded object store: bucket `B`, key `K` is the file `DATA_DIR/B/K`.
+
+Writes and deletes through the store take the bucket's lock (`DATA_DIR/.tmp/B.lock`, `flock`) for
+their last step only: a conditional write checks the current ETag and renames its new file into
+place under it, so it holds for every process on the machine that uses the same directory.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import stat
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NamedTuple
 
-from .errors import ObjectNotFound, ObjectUnreadable, StorageError
-from .storage import ObjectInfo, ObjectStream, check_key, check_prefix, exists_by_stat
+from .errors import ObjectNotFound, ObjectUnreadable, PreconditionFailed, StorageError
+from .storage import ObjectInfo, ObjectStream, check_condition, check_key, check_prefix, exists_by_stat
 
 PAGE_SIZE = 1000
 # The file system refuses this one file (its mode, an ACL, a security module): other files may read fine.
 _REFUSED = frozenset({errno.EACCES, errno.EPERM})
+_clock = time.time_ns  # the modification times the store gives its files start from this clock
 
 
 class LocalStore:
@@ -29,6 +37,7 @@ class LocalStore:
         # Temporary files live beside the buckets (same file system, for atomic renames), never in
         # one: ".tmp" cannot be a bucket name.
         self._tmp = Path(data_dir) / ".tmp"
+        self._lock = self._tmp / f"{bucket}.lock"
         self._bucket = bucket
 
     @property
@@ -66,9 +75,19 @@ class LocalStore:
         finally:
             handle.close()
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
         path = self._path(key)
-        return await asyncio.to_thread(_write_atomic, path, key, data, self._tmp)
+        check_condition(if_match, if_none_match)
+        condition = _Condition(if_match.strip('"') if if_match is not None else None, if_none_match)
+        return await asyncio.to_thread(_write_atomic, path, key, data, self._tmp, self._lock, condition=condition)
 
     async def stat(self, key: str) -> ObjectInfo:
         path = self._path(key)
@@ -85,7 +104,7 @@ class LocalStore:
     async def delete(self, key: str) -> None:
         path = self._path(key)
         try:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+            await asyncio.to_thread(_delete, path, self._tmp, self._lock)
         except (IsADirectoryError, NotADirectoryError):
             return  # not an object: nothing to delete
         except OSError as exc:
@@ -99,7 +118,8 @@ class LocalStore:
 
 
 def _info(key: str, st: os.stat_result) -> ObjectInfo:
-    # The ETag changes whenever the file is replaced: writes are renames of new files.
+    # The ETag changes whenever the file is replaced: writes are renames of new files, each with a
+    # modification time of its own (`_next_stamp`).
     etag = f"{st.st_mtime_ns:x}-{st.st_size:x}-{st.st_ino:x}"
     modified = datetime.fromtimestamp(st.st_mtime_ns / 1e9, tz=UTC)
     return ObjectInfo(key=key, etag=etag, size=st.st_size, last_modified=modified)
@@ -158,7 +178,12 @@ def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
             raise _error("read", key, path, exc) from exc
 
 
-def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
+class _Condition(NamedTuple):
+    if_match: str | None  # unquoted
+    if_none_match: bool
+
+
+def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path, lock: Path, *, condition: _Condition) -> str:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.mkdir(exist_ok=True)
@@ -168,13 +193,65 @@ def _write_atomic(path: Path, key: str, data: bytes, tmp_dir: Path) -> str:
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.replace(tmp, path)
+            with _bucket_lock(lock) as lock_fd:
+                _check(path, key, condition)
+                stamp = _next_stamp(lock_fd)
+                os.utime(tmp, ns=(stamp, stamp))
+                os.replace(tmp, path)
+                return _info(key, os.stat(path)).etag
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        return _info(key, os.stat(path)).etag
     except OSError as exc:
         raise _error("write", key, path, exc) from exc
+
+
+def _delete(path: Path, tmp_dir: Path, lock: Path) -> None:
+    if not os.path.lexists(path):
+        return
+    tmp_dir.mkdir(exist_ok=True)
+    with _bucket_lock(lock):
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _bucket_lock(lock: Path) -> Iterator[int]:
+    """Hold the bucket's lock (an exclusive `flock`, so among threads too); yield the lock file's descriptor."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _next_stamp(lock_fd: int) -> int:
+    """A modification time (ns) later than every one given before in this bucket; the lock file keeps the last.
+
+    The ETag is (mtime, size, inode), and file systems reuse a replaced file's inode at once: with a
+    coarse clock (a tick of a few milliseconds) a new file of the same size could get a replaced
+    file's ETag back, and a conditional write on that old ETag would wrongly succeed.
+    """
+    last = int.from_bytes(os.pread(lock_fd, 8, 0), "big")
+    stamp = max(_clock(), last + 1)
+    os.pwrite(lock_fd, stamp.to_bytes(8, "big"), 0)
+    return stamp
+
+
+def _check(path: Path, key: str, condition: _Condition) -> None:
+    """Raise `PreconditionFailed` unless the object at `path` is as `condition` requires."""
+    if condition.if_match is None and not condition.if_none_match:
+        return
+    try:
+        status = os.stat(path)
+        current = _info(key, status).etag if stat.S_ISREG(status.st_mode) else None
+    except (FileNotFoundError, NotADirectoryError):
+        current = None
+    if condition.if_none_match and current is not None:
+        raise PreconditionFailed(f"cannot write {key!r}: the object exists")
+    if condition.if_match is not None and current != condition.if_match:
+        found = "does not exist" if current is None else "has another ETag"
+        raise PreconditionFailed(f"cannot write {key!r}: the object {found}")
 
 
 def _error(op: str, key: str, path: Path, exc: OSError) -> StorageError:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import io
 import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -17,8 +20,8 @@ from miniopy_async.datatypes import Object
 from miniopy_async.error import InvalidResponseError, MinioException, S3Error, ServerError
 from miniopy_async.helpers import check_bucket_name
 
-from .errors import ObjectNotFound, ObjectUnreadable, StorageError
-from .storage import ObjectInfo, ObjectStream, check_key, check_prefix, exists_by_stat
+from .errors import ObjectNotFound, ObjectUnreadable, PreconditionFailed, StorageError
+from .storage import ObjectInfo, ObjectStream, check_condition, check_key, check_prefix, exists_by_stat
 
 T = TypeVar("T")
 
@@ -36,6 +39,9 @@ _STORE_CODES = frozenset(
     }
 )  # fmt: skip
 _STORE_STATUSES = frozenset({408, 429})  # request timeout, too many requests
+# A conditional write that lost: 412, or 409 when S3 saw a concurrent conditional write in progress.
+_PRECONDITION_STATUS = 412
+_CONDITION_CONFLICT = "ConditionalRequestConflict"
 # Connection failures, timeouts and broken bodies may succeed on a new attempt; 4xx never do.
 _TRANSIENT = (ConnectionError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError)
 _SDK_ERRORS = (MinioException, aiohttp.ClientError, OSError)
@@ -82,7 +88,7 @@ class MinioStore:
         # The session belongs to the running loop, so it is made on first use, not in __init__.
         if self._session is None:
             timeout = aiohttp.ClientTimeout(total=self._timeout, sock_connect=self._timeout, sock_read=self._timeout)
-            self._session = aiohttp.ClientSession(timeout=timeout)
+            self._session = aiohttp.ClientSession(timeout=timeout, middlewares=(_send_condition,))
             self._minio.set_session(self._session)
         return self._minio
 
@@ -160,16 +166,76 @@ class MinioStore:
         finally:
             response.release()  # closes the connection when the body was not read to its end
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
         check_key(key)
+        check_condition(if_match, if_none_match)
+        if if_match is None and not if_none_match:
+
+            async def put_once() -> str:
+                result = await self._client().put_object(
+                    self._bucket, key, io.BytesIO(data), len(data), content_type=content_type
+                )
+                return _unquote(result.etag)
+
+            return await self._call("write", key, put_once)
+        headers = {"If-Match": f'"{_unquote(if_match)}"'} if if_match is not None else {"If-None-Match": "*"}
+        return await self._put_if(key, data, content_type, _Condition(headers))
+
+    async def _put_if(self, key: str, data: bytes, content_type: str, condition: _Condition) -> str:
+        """A conditional PUT: its headers are added by `_send_condition`, for this task's request only.
+
+        The SDK's `put_object` takes no request headers (its `metadata` turns them into `X-Amz-Meta-*`),
+        so the condition travels in a context variable to the session's middleware. `part_size` equal
+        to the length makes it one PUT whatever the size (S3 takes up to 5 GiB so): a multipart upload
+        would send the condition with its parts, not with the completion that creates the object.
+        """
 
         async def put_once() -> str:
-            result = await self._client().put_object(
-                self._bucket, key, io.BytesIO(data), len(data), content_type=content_type
-            )
+            token = _CONDITION.set(condition)
+            try:
+                result = await self._client().put_object(
+                    self._bucket, key, io.BytesIO(data), len(data), content_type=content_type, part_size=len(data)
+                )
+            finally:
+                _CONDITION.reset(token)
             return _unquote(result.etag)
 
-        return await self._call("write", key, put_once)
+        try:
+            return await self._call("write", key, put_once)
+        except (PreconditionFailed, ObjectNotFound) as exc:
+            # S3 answers If-Match on a missing object with 404 NoSuchKey (SeaweedFS with 412).
+            failed = exc if isinstance(exc, PreconditionFailed) else PreconditionFailed(str(exc), where=exc.where)
+            if condition.maybe_applied:
+                return await self._lost_answer(key, data, failed)
+            if failed is exc:
+                raise
+            raise failed from exc.__cause__
+
+    async def _lost_answer(self, key: str, data: bytes, failed: PreconditionFailed) -> str:
+        """A retry of a conditional PUT failed its precondition after an earlier attempt went unanswered.
+
+        The earlier attempt may have been applied, and then the retry fails on our own write. When the
+        object now holds our bytes (an S3 ETag of a single PUT is the MD5 of its body), it was ours:
+        its ETag is returned (the same bytes from another writer count as ours). Otherwise whether the
+        earlier attempt was applied (and then replaced) is unknown: a `StorageError`, not
+        `PreconditionFailed`, which says that nothing was written.
+        """
+        try:
+            current: str | None = (await self.stat(key)).etag
+        except ObjectNotFound:
+            current = None
+        if current == hashlib.md5(data, usedforsecurity=False).hexdigest():
+            return current
+        message = f"cannot write {key!r}: an attempt went unanswered and its retry failed its precondition"
+        raise StorageError(f"{message}; whether the write was applied is unknown", where=failed.where) from failed
 
     async def stat(self, key: str) -> ObjectInfo:
         check_key(key)
@@ -212,6 +278,8 @@ class MinioStore:
         where = f"bucket {self._bucket!r} at {self._endpoint}: {exc}"
         if isinstance(exc, S3Error) and exc.code in _NOT_FOUND:
             return ObjectNotFound(message, where=where)
+        if op == "write" and _precondition_failed(exc):
+            return PreconditionFailed(message, where=where)
         if key is not None and op in ("read", "stat") and _refuses_one_object(exc):
             return ObjectUnreadable(message, where=where)
         return StorageError(message, where=where)
@@ -240,6 +308,45 @@ def _status(exc: Exception) -> int | None:
     if isinstance(exc, InvalidResponseError):
         return int(getattr(exc, "_code", 0)) or None
     return None
+
+
+def _precondition_failed(exc: Exception) -> bool:
+    return _status(exc) == _PRECONDITION_STATUS or (isinstance(exc, S3Error) and exc.code == _CONDITION_CONFLICT)
+
+
+@dataclass
+class _Condition:
+    """The headers of one conditional put; `maybe_applied` once one of its PUTs may have been applied
+    unanswered (the answer was lost, or was a 5xx)."""
+
+    headers: dict[str, str]
+    maybe_applied: bool = False
+
+
+_CONDITION: ContextVar[_Condition | None] = ContextVar("_CONDITION", default=None)
+
+
+async def _send_condition(request: aiohttp.ClientRequest, handler: aiohttp.ClientHandlerType) -> aiohttp.ClientResponse:
+    """Session middleware: add the current task's condition to its PUT (the only PUT `_put_if` makes).
+
+    Added after signing: SigV4 signs the headers it lists, and S3 accepts unsigned `If-*` headers.
+    Every attempt passes here, aiohttp's own retry of an idempotent request on a dropped connection
+    too, so an attempt that may have been applied unanswered is always noted.
+    """
+    condition = _CONDITION.get()
+    if condition is None or request.method != "PUT":
+        return await handler(request)
+    request.headers.update(condition.headers)
+    try:
+        response = await handler(request)
+    except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+        raise  # no connection, so the request was never sent
+    except BaseException:
+        condition.maybe_applied = True  # sent, perhaps in full, and the answer is lost
+        raise
+    if response.status >= 500:
+        condition.maybe_applied = True
+    return response
 
 
 def _refuses_one_object(exc: Exception) -> bool:

@@ -54,8 +54,22 @@ class ObjectStore(Protocol):
         For content too large to hold in memory: `get` returns it whole.
         """
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
-        """Store `data` under `key` atomically (readers see the old or the new object); return the ETag."""
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        """Store `data` under `key` atomically (readers see the old or the new object); return the new ETag.
+
+        A conditional write: with `if_match` only when the object exists and its ETag (as `stat` and
+        `list` report it) is `if_match`; with `if_none_match` only when no object exists under `key`.
+        Otherwise nothing is written and `PreconditionFailed` is raised. Among concurrent conditional
+        writes on one ETag (or on an absent key) exactly one succeeds. Both at once is a `ValueError`.
+        """
 
     async def stat(self, key: str) -> ObjectInfo:
         """Return the object's metadata; `ObjectNotFound` when it does not exist."""
@@ -68,6 +82,14 @@ class ObjectStore(Protocol):
 
     async def close(self) -> None:
         """Release connections."""
+
+
+def check_condition(if_match: str | None, if_none_match: bool) -> None:
+    """Refuse a condition no object can meet: both at once, or an empty ETag."""
+    if if_match is not None and if_none_match:
+        raise ValueError("if_match and if_none_match exclude each other")
+    if if_match is not None and not if_match.strip('"'):
+        raise ValueError("if_match must be an ETag")
 
 
 def check_prefix(prefix: str) -> str:

@@ -43,10 +43,18 @@ class Recording:
         async with self.inner.open(key) as stream:
             yield RecordedStream(stream, self.streamed.setdefault(key, []))
 
-    async def put(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> str:
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
         if key in self.fail_put:
             raise StorageError(f"injected failure writing {key}")
-        return await self.inner.put(key, data, content_type)
+        return await self.inner.put(key, data, content_type, if_match=if_match, if_none_match=if_none_match)
 
     async def stat(self, key: str) -> ObjectInfo:
         return await self.inner.stat(key)

@@ -3,26 +3,30 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import os
+import re
 import socket
 import stat
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from miniopy_async import Minio
 from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
 
 from service.demo import has_objects
-from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, StorageError
+from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, PreconditionFailed, StorageError
 from service.local_store import LocalStore
 from service.minio_store import MinioStore
 from service.storage import ObjectInfo, ObjectStore
@@ -259,6 +263,98 @@ async def test_last_modified_is_utc_and_recent(store: ObjectStore) -> None:
         assert before - timedelta(seconds=2) <= info.last_modified <= after + timedelta(seconds=1)
 
 
+# -- contract: conditional writes --------------------------------------------------------------
+
+RACERS = 30
+
+
+async def race(puts: list[Awaitable[str]]) -> list[str | BaseException]:
+    """Run the puts at once: each one's ETag or what it raised."""
+    return await asyncio.gather(*puts, return_exceptions=True)
+
+
+def one_winner(bodies: list[bytes], outcomes: list[str | BaseException]) -> tuple[bytes, str]:
+    """The body and ETag of the only put that succeeded; every other one failed its precondition."""
+    winners = [(body, etag) for body, etag in zip(bodies, outcomes, strict=True) if isinstance(etag, str)]
+    assert len(winners) == 1, outcomes
+    lost = [outcome for outcome in outcomes if not isinstance(outcome, str)]
+    assert len(lost) == len(bodies) - 1
+    assert all(isinstance(exc, PreconditionFailed) for exc in lost), lost
+    return winners[0]
+
+
+async def test_create_if_absent(store: ObjectStore) -> None:
+    etag = await store.put("lease.json", b"first", if_none_match=True)
+    assert etag == (await store.stat("lease.json")).etag
+    assert (await listed(store))["lease.json"].etag == etag
+    with pytest.raises(PreconditionFailed, match=r"lease\.json"):
+        await store.put("lease.json", b"second", if_none_match=True)
+    assert await store.get("lease.json") == b"first"
+    assert (await store.stat("lease.json")).etag == etag
+    # The condition belongs to that one call: a plain put still overwrites.
+    assert await store.put("lease.json", b"third") != etag
+    await store.delete("lease.json")
+    assert await store.put("lease.json", b"fourth", if_none_match=True) == (await store.stat("lease.json")).etag
+
+
+async def test_put_if_match(store: ObjectStore) -> None:
+    first = await store.put("state.json", b"v1")
+    second = await store.put("state.json", b"v2", if_match=first)
+    assert second != first
+    assert second == (await store.stat("state.json")).etag
+    assert await store.get("state.json") == b"v2"
+    with pytest.raises(PreconditionFailed, match=r"state\.json"):
+        await store.put("state.json", b"stale", if_match=first)
+    assert await store.get("state.json") == b"v2"
+    third = await store.put("state.json", b"v3", if_match=second)
+    assert third == (await store.stat("state.json")).etag == (await listed(store))["state.json"].etag
+    assert await store.get("state.json") == b"v3"
+
+
+async def test_put_if_match_on_a_missing_object_fails(store: ObjectStore) -> None:
+    etag = await store.put("gone.json", b"v1")
+    await store.delete("gone.json")
+    with pytest.raises(PreconditionFailed, match=r"gone\.json"):
+        await store.put("gone.json", b"v2", if_match=etag)
+    with pytest.raises(PreconditionFailed, match=r"never\.json"):
+        await store.put("never.json", b"v1", if_match=etag)
+    assert not await store.exists("gone.json")
+    assert not await store.exists("never.json")
+
+
+async def test_an_etag_replaced_by_objects_of_the_same_size_no_longer_matches(store: ObjectStore) -> None:
+    old = await store.put("s.json", b"aaaa")
+    for body in (b"bbbb", b"cccc", b"dddd"):  # same size; a file system reuses the freed inode at once
+        await store.put("s.json", body)
+    with pytest.raises(PreconditionFailed):
+        await store.put("s.json", b"late", if_match=old)
+    assert await store.get("s.json") == b"dddd"
+
+
+@pytest.mark.parametrize(
+    ("if_match", "if_none_match"), [("abc", True), ("", False), ('""', False)], ids=["both", "empty", "quotes"]
+)
+async def test_impossible_conditions_are_refused(store: ObjectStore, if_match: str, if_none_match: bool) -> None:
+    with pytest.raises(ValueError, match="if_match"):
+        await store.put("x.json", b"x", if_match=if_match, if_none_match=if_none_match)
+    assert not await store.exists("x.json")
+
+
+async def test_racing_creators_one_wins(store: ObjectStore) -> None:
+    bodies = [f"racer {i}".encode() for i in range(RACERS)]
+    body, etag = one_winner(bodies, await race([store.put("lease.json", b, if_none_match=True) for b in bodies]))
+    assert await store.get("lease.json") == body
+    assert (await store.stat("lease.json")).etag == etag
+
+
+async def test_racing_updaters_on_one_etag_one_wins(store: ObjectStore) -> None:
+    base = await store.put("state.json", b"base")
+    bodies = [f"update {i}".encode() for i in range(RACERS)]
+    body, etag = one_winner(bodies, await race([store.put("state.json", b, if_match=base) for b in bodies]))
+    assert await store.get("state.json") == body
+    assert (await store.stat("state.json")).etag == etag
+
+
 # -- local adapter only ----------------------------------------------------------------------
 
 
@@ -274,6 +370,101 @@ async def test_written_files_follow_the_umask(local_store: LocalStore, tmp_path:
     root = tmp_path / "data" / "bucket"
     for key in ("src-data/1.csv", "processed_data/output.csv"):
         assert stat.S_IMODE((root / key).stat().st_mode) == 0o666 & ~umask, key
+
+
+async def test_etags_differ_even_when_the_clock_stands_still(
+    local_store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A coarse file-system clock gives files written within one tick the same modification time, and
+    # a replaced file's inode is reused at once: the ETag (mtime, size, inode) would come back.
+    still = 1_700_000_000_000_000_000
+    monkeypatch.setattr("service.local_store._clock", lambda: still)
+    etags = [await local_store.put("s.json", b"same") for _ in range(50)]
+    assert len(set(etags)) == len(etags)
+    assert (tmp_path / "data" / "bucket" / "s.json").stat().st_mtime_ns == still + 49  # one nanosecond apart
+    with pytest.raises(PreconditionFailed):
+        await local_store.put("s.json", b"late", if_match=etags[0])
+    assert await local_store.put("s.json", b"next", if_match=etags[-1]) == (await local_store.stat("s.json")).etag
+
+
+# Conditional racers in a child process: prints "ready", waits for a line on stdin, then for each key
+# in turn makes its puts at once; prints {key: [[body, ETag or null], ...]}. `bases` maps each key to
+# the ETag to update ("" to create the key).
+_RACERS = """
+import asyncio, json, sys
+from pathlib import Path
+from service.errors import PreconditionFailed
+from service.local_store import LocalStore
+
+async def main(data_dir, name, count, bases):
+    store = LocalStore(Path(data_dir), "bucket")
+    print("ready", flush=True)
+    await asyncio.to_thread(sys.stdin.readline)
+
+    async def put(key, body):
+        try:
+            etag = await store.put(key, body.encode(), if_match=bases[key] or None, if_none_match=not bases[key])
+        except PreconditionFailed:
+            etag = None
+        return [body, etag]
+
+    outcomes = {}
+    for key in bases:
+        outcomes[key] = await asyncio.gather(*(put(key, f"{name}-{i}") for i in range(count)))
+    print(json.dumps(outcomes), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), json.loads(sys.argv[4])))
+"""
+RACING_PROCESSES = 6
+
+
+async def race_in_processes(data_dir: Path, bases: dict[str, str]) -> dict[str, list[tuple[str, str | None]]]:
+    """RACERS conditional puts of each key, from RACING_PROCESSES processes started together."""
+    each = str(RACERS // RACING_PROCESSES)
+    children = [
+        await asyncio.create_subprocess_exec(
+            *[sys.executable, "-c", _RACERS, str(data_dir), f"p{n}", each, json.dumps(bases)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for n in range(RACING_PROCESSES)
+    ]
+    try:
+        async with asyncio.timeout(60):
+            for child in children:
+                assert child.stdout is not None
+                assert await child.stdout.readline() == b"ready\n"
+            for child in children:  # every one is waiting: let them all go
+                assert child.stdin is not None
+                child.stdin.write(b"go\n")
+                await child.stdin.drain()
+            outputs = [await child.communicate() for child in children]
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    assert [child.returncode for child in children] == [0] * RACING_PROCESSES
+    outcomes: dict[str, list[tuple[str, str | None]]] = {key: [] for key in bases}
+    for stdout, _ in outputs:
+        for key, results in json.loads(stdout).items():
+            outcomes[key] += [(body, etag) for body, etag in results]
+    return outcomes
+
+
+@pytest.mark.parametrize("condition", ["create", "update"])
+async def test_racers_in_several_processes_one_wins(local_store: LocalStore, tmp_path: Path, condition: str) -> None:
+    keys = [f"leases/{i:02d}.json" for i in range(20)]
+    bases = {key: await local_store.put(key, b"base") if condition == "update" else "" for key in keys}
+    outcomes = await race_in_processes(tmp_path / "data", bases)
+    for key in keys:
+        assert len(outcomes[key]) == RACERS
+        winners = [(body, etag) for body, etag in outcomes[key] if etag is not None]
+        assert len(winners) == 1, (key, outcomes[key])
+        body, etag = winners[0]
+        assert await local_store.get(key) == body.encode()
+        assert (await local_store.stat(key)).etag == etag
 
 
 # Run in a child process that obeys file modes: every way to read a file of mode 000, and one
@@ -391,6 +582,8 @@ async def test_every_operation_raises_storage_errors(closed_port: int) -> None:
         ("users/1.csv", lambda: store.stat("users/1.csv")),
         ("users/1.csv", lambda: store.exists("users/1.csv")),
         ("users/1.csv", lambda: store.put("users/1.csv", b"x")),
+        ("users/1.csv", lambda: store.put("users/1.csv", b"x", if_none_match=True)),
+        ("users/1.csv", lambda: store.put("users/1.csv", b"x", if_match="abc")),
         ("users/1.csv", lambda: store.delete("users/1.csv")),
         ("users/", lambda: pages_of(store, "users/")),
         ("bucket", store.ensure_bucket),
@@ -505,6 +698,235 @@ async def test_ensure_bucket_creates_a_missing_bucket_once(seaweed: SeaweedServe
         assert await stores[1].get("a.csv") == b"a"
     finally:
         await asyncio.gather(*(store.close() for store in stores))
+
+
+# -- S3 adapter: conditional writes ----------------------------------------------------------------
+
+_REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) (/\S*) HTTP/1\.1\r\n")
+
+
+class LosingProxy:
+    """A TCP proxy to the S3 server that loses the answers to the next `lose` PUTs: each is forwarded and
+    answered (so applied), then the connection is cut before the answer reaches the client, after
+    awaiting `on_loss`. `requests` records (method, path) of every request."""
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.rpartition(":")
+        self._target = (host, int(port))
+        self.lose = 0
+        self.on_loss: Callable[[], Awaitable[None]] | None = None
+        self.requests: list[tuple[str, str]] = []
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None
+        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    def puts(self, key: str) -> int:
+        return sum(1 for method, path in self.requests if method == "PUT" and path.endswith("/" + key))
+
+    async def start(self) -> LosingProxy:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        return self
+
+    async def close(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        losing = asyncio.Event()  # the request in flight on this connection is to lose its answer
+        up_reader, up_writer = await asyncio.open_connection(*self._target)
+
+        async def requests() -> None:
+            while chunk := await reader.read(65536):
+                for match in _REQUEST_LINE.finditer(chunk):
+                    self.requests.append((match[1].decode(), match[2].decode().partition("?")[0]))
+                    if match[1] == b"PUT" and self.lose > 0:
+                        self.lose -= 1
+                        losing.set()
+                up_writer.write(chunk)
+                await up_writer.drain()
+
+        async def answers() -> None:
+            while chunk := await up_reader.read(65536):
+                if losing.is_set():
+                    if self.on_loss is not None:
+                        await self.on_loss()
+                    return  # the answer is dropped with the connection
+                writer.write(chunk)
+                await writer.drain()
+
+        pipes = [asyncio.ensure_future(requests()), asyncio.ensure_future(answers())]
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pipe in pipes:
+                pipe.cancel()
+            await asyncio.gather(*pipes, return_exceptions=True)
+            writer.transport.abort()
+            up_writer.transport.abort()
+            self._tasks.discard(task)
+
+
+def endpoint_in_the_log_only(exc: StorageError, endpoint: str) -> bool:
+    return endpoint not in str(exc) and endpoint in exc.for_log()
+
+
+@pytest.fixture
+async def losing(seaweed: SeaweedServer, minio_store: MinioStore) -> AsyncIterator[tuple[LosingProxy, MinioStore]]:
+    """A losing proxy to the server, and a store on `minio_store`'s bucket through it."""
+    proxy = await LosingProxy(seaweed.endpoint).start()
+    store = MinioStore(proxy.endpoint, seaweed.access_key, seaweed.secret_key, minio_store.bucket, timeout=5.0)
+    try:
+        yield proxy, store
+    finally:
+        await store.close()
+        await proxy.close()
+
+
+@pytest.mark.s3
+@pytest.mark.parametrize("condition", ["create", "update"])
+@pytest.mark.parametrize("lost", [1, 2], ids=["retried-by-aiohttp", "retried-by-the-store"])
+async def test_a_conditional_put_whose_answer_was_lost_is_ours(
+    losing: tuple[LosingProxy, MinioStore], minio_store: MinioStore, condition: str, lost: int
+) -> None:
+    # The PUT is applied but its answer lost; a retry fails its precondition on our own write. aiohttp
+    # resends an idempotent request once by itself when the connection drops; a second loss is the
+    # store's to retry. The object holds our bytes (its ETag is their MD5): the put succeeded.
+    proxy, store = losing
+    base = await minio_store.put("lease.json", b"base") if condition == "update" else None
+    proxy.lose = lost
+    etag = await store.put("lease.json", b"ours", if_match=base, if_none_match=base is None)
+    assert etag == hashlib.md5(b"ours").hexdigest() == (await minio_store.stat("lease.json")).etag
+    assert await minio_store.get("lease.json") == b"ours"
+    assert proxy.puts("lease.json") == lost + 1
+
+
+@pytest.mark.s3
+async def test_a_lost_answer_then_another_write_is_an_unknown_outcome(
+    losing: tuple[LosingProxy, MinioStore], minio_store: MinioStore
+) -> None:
+    # Applied, answer lost, then replaced by another writer before the retry: the retry's 412 cannot
+    # tell "never applied" from "applied, then replaced". Not PreconditionFailed (nothing written).
+    proxy, store = losing
+
+    async def another_writer() -> None:
+        await minio_store.put("lease.json", b"theirs")
+
+    proxy.lose, proxy.on_loss = 1, another_writer
+    with pytest.raises(StorageError, match=r"^cannot write 'lease\.json': .*unknown") as caught:
+        await store.put("lease.json", b"ours", if_none_match=True)
+    assert not isinstance(caught.value, PreconditionFailed)
+    assert endpoint_in_the_log_only(caught.value, proxy.endpoint)
+    assert await minio_store.get("lease.json") == b"theirs"
+
+
+@pytest.mark.s3
+async def test_a_failed_precondition_is_not_retried(losing: tuple[LosingProxy, MinioStore]) -> None:
+    proxy, store = losing
+    etag = await store.put("lease.json", b"base", if_none_match=True)
+    began = time.monotonic()
+    with pytest.raises(PreconditionFailed, match=r"^cannot write 'lease\.json': PreconditionFailed: ") as caught:
+        await store.put("lease.json", b"again", if_none_match=True)
+    with pytest.raises(PreconditionFailed):
+        await store.put("lease.json", b"stale", if_match="0" * 32)
+    assert time.monotonic() - began < 1.0
+    assert proxy.puts("lease.json") == 3
+    assert "attempts" not in str(caught.value)
+    assert endpoint_in_the_log_only(caught.value, proxy.endpoint)
+    assert (await store.stat("lease.json")).etag == etag
+
+
+@pytest.mark.s3
+async def test_a_large_conditional_put_is_one_put(losing: tuple[LosingProxy, MinioStore]) -> None:
+    # Above 5 MiB the SDK would upload in parts, and the condition would go with the parts, not with
+    # the completion that creates the object.
+    proxy, store = losing
+    data = bytes(range(256)) * (24 * 1024 + 1)  # 6 MiB and 256 bytes
+    etag = await store.put("big.bin", data, if_none_match=True)
+    assert etag == hashlib.md5(data).hexdigest()  # a multipart ETag would end in "-<parts>"
+    assert [method for method, path in proxy.requests if path.endswith("/big.bin")] == ["PUT"]
+    with pytest.raises(PreconditionFailed):
+        await store.put("big.bin", data, if_none_match=True)
+    assert await store.put("big.bin", data[:-1], if_match=etag) == (await store.stat("big.bin")).etag
+
+
+class FakeS3:
+    """Answers every PUT with `answer` (status, XML body or none), counting them; and the bucket's region."""
+
+    def __init__(self) -> None:
+        self.answer: tuple[int, str | None] = (200, None)
+        self.puts = 0
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_route("*", "/{path:.*}", self.handle)
+        return app
+
+    async def handle(self, request: web.Request) -> web.Response:
+        if request.method == "GET" and "location" in request.query:
+            return web.Response(
+                text="<LocationConstraint>us-east-1</LocationConstraint>", content_type="application/xml"
+            )
+        await request.read()
+        self.puts += request.method == "PUT"
+        status, body = self.answer
+        if body is None:
+            return web.Response(status=status, headers={"ETag": '"abc"'} if status == 200 else {})
+        return web.Response(status=status, text=body, content_type="application/xml")
+
+
+def s3_error(code: str) -> str:
+    return f"<Error><Code>{code}</Code><Message>{code} here</Message><Key>k.json</Key></Error>"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (412, s3_error("PreconditionFailed")),
+        (412, None),  # no XML body (a proxy in between)
+        (409, s3_error("ConditionalRequestConflict")),  # S3: a concurrent conditional write in progress
+        (404, s3_error("NoSuchKey")),  # S3's answer to If-Match on a missing object
+    ],
+    ids=["412", "412-no-body", "409-conflict", "404-no-such-key"],
+)
+async def test_answers_of_a_lost_condition_are_precondition_failures(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], answer: tuple[int, str | None]
+) -> None:
+    fake = FakeS3()
+    server = await aiohttp_server(fake.app())
+    store = MinioStore(f"127.0.0.1:{server.port}", "access", SECRET, "bucket", retries=3)
+    fake.answer = answer
+    try:
+        with pytest.raises(PreconditionFailed, match=r"^cannot write 'k\.json'"):
+            await store.put("k.json", b"x", if_match="abc")
+    finally:
+        await store.close()
+    assert fake.puts == 1  # not retried
+
+
+@pytest.mark.parametrize("answer", [(409, s3_error("OperationAborted")), (404, s3_error("NoSuchBucket"))])
+async def test_other_failed_conditional_puts_are_store_errors(
+    aiohttp_server: Callable[[web.Application], Awaitable[TestServer]], answer: tuple[int, str | None]
+) -> None:
+    fake = FakeS3()
+    server = await aiohttp_server(fake.app())
+    store = MinioStore(f"127.0.0.1:{server.port}", "access", SECRET, "bucket", retries=3)
+    fake.answer = answer
+    try:
+        with pytest.raises(StorageError) as caught:
+            await store.put("k.json", b"x", if_none_match=True)
+    finally:
+        await store.close()
+    assert not isinstance(caught.value, PreconditionFailed | ObjectNotFound)
 
 
 def test_repr_hides_the_secret() -> None:
