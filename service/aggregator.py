@@ -14,6 +14,7 @@ import pandas as pd
 
 from . import manifest as mf
 from . import output as out
+from .config import Settings
 from .errors import InvalidKey, ObjectNotFound, ObjectUnreadable
 from .keys import Kind, ignored_reason
 from .memory import release_free_heap
@@ -134,6 +135,14 @@ class Aggregator:
         self._concurrency = concurrency
         self._clock = clock
         self._committed: _Committed | None = None
+
+    @classmethod
+    def from_settings(cls, store: ObjectStore, settings: Settings) -> Aggregator:
+        """The aggregator the settings describe: `process` and `serve` must read and write the same keys."""
+        return cls(
+            store, src_prefix=settings.src_prefix, output_key=settings.output_key,
+            concurrency=settings.fetch_concurrency,
+        )  # fmt: skip
 
     async def run(
         self, run_id: int = 0, trigger: str = "manual", progress: ProgressCallback | None = None

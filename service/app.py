@@ -79,7 +79,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
         max_subscriptions_per_connection=10,
     )
     app.router.add_route("*", "/graphql", view)
-    graphiql.add_routes(app)
+    graphiql.add_routes(app, directory=settings.graphiql_assets_dir)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics.handler)
@@ -89,10 +89,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
 
 async def _lifecycle(app: web.Application) -> AsyncIterator[None]:
     settings, store, metrics = app[SETTINGS], app[STORE], app[METRICS]
-    aggregator = Aggregator(
-        store, src_prefix=settings.src_prefix, output_key=settings.output_key,
-        concurrency=settings.fetch_concurrency,
-    )  # fmt: skip
+    aggregator = Aggregator.from_settings(store, settings)
     history = HistoryStore(store, settings.output_key + ".runs.json", limit=HISTORY_LIMIT)
     broadcaster = Broadcaster()
 

@@ -1,4 +1,4 @@
-"""Command line: process, demo-data, serve, schema."""
+"""Command line: process, demo-data, serve, schema, config."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import TextIO
 
 from . import logs
 from .aggregator import Aggregator, Progress
-from .config import Settings, load_settings
+from .config import Settings, describe, load_settings
 from .demo import write_demo_data
 from .errors import ConfigError, ServiceError, StorageError
 from .report import RunReport
@@ -36,22 +36,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    epilog, layout = _settings_epilog(), argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__, epilog=epilog, formatter_class=layout
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    process = commands.add_parser("process", help="run one aggregation and print its report")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=layout)
+
+    process = command("process", "run one aggregation and print its report")
     process.add_argument("--json", action="store_true", help="print the report as JSON")
     process.set_defaults(handler=_process)
-    demo = commands.add_parser("demo-data", help="write a synthetic source dataset into the store")
+    demo = command("demo-data", "write a synthetic source dataset into the store")
     demo.add_argument("--users", type=int, required=True)
     demo.add_argument("--image-ratio", type=float, default=0.7)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--with-bad-files", action="store_true")
     demo.set_defaults(handler=_demo)
-    serve = commands.add_parser("serve", help="serve GraphQL and REST, aggregating on the schedule")
-    serve.set_defaults(handler=_serve)
-    schema = commands.add_parser("schema", help="print the GraphQL schema (SDL)")
-    schema.set_defaults(handler=_schema)
+    command("serve", "serve GraphQL and REST, aggregating on the schedule").set_defaults(handler=_serve)
+    command("schema", "print the GraphQL schema (SDL)").set_defaults(handler=_schema)
+    command("config", "print the settings in effect, one NAME=value a line").set_defaults(handler=_config)
     return parser
+
+
+def _settings_epilog() -> str:
+    """Every command reads the same environment: say which variables, and where their values show."""
+    defaults = "\n".join(f"  {line}" for line in describe(Settings()))
+    return (
+        "settings come from these environment variables, shown with their defaults (empty: unset);\n"
+        f"README.md explains them, and `python -m service config` prints the values in effect:\n{defaults}"
+    )
 
 
 def _process(settings: Settings, args: argparse.Namespace) -> int:
@@ -64,11 +79,7 @@ async def _run_once(settings: Settings, progress: _ProgressLine) -> RunReport:
     store = open_store(settings)
     try:
         await store.ensure_bucket()
-        aggregator = Aggregator(
-            store, src_prefix=settings.src_prefix, output_key=settings.output_key,
-            concurrency=settings.fetch_concurrency,
-        )  # fmt: skip
-        result = await aggregator.run(trigger="cli", progress=progress)
+        result = await Aggregator.from_settings(store, settings).run(trigger="cli", progress=progress)
         return result.report
     finally:
         progress.close()
@@ -160,4 +171,9 @@ def _schema(settings: Settings, args: argparse.Namespace) -> int:
     from .schema import build_schema
 
     print(build_schema().as_str())
+    return 0
+
+
+def _config(settings: Settings, args: argparse.Namespace) -> int:
+    print("\n".join(describe(settings)))
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from service.aggregator import UNREADABLE_PREFIX
-from service.cli import format_report
+from service.cli import _parser, format_report
+from service.config import MASK, variables
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,16 +24,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def cli(
     *args: str, env: dict[str, str], wrap: Callable[[list[str]], list[str]] = list
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "API_TOKEN"))} | env
     return subprocess.run(
         wrap([sys.executable, "-m", "service", *args]),
         check=False,
         capture_output=True,
         text=True,
-        env=full_env,
+        env=own_environment(env),
         cwd=ROOT,
         timeout=120,
     )
+
+
+def own_environment(env: dict[str, str]) -> dict[str, str]:
+    """The test's environment without the settings it may have set, plus `env`."""
+    return {k: v for k, v in os.environ.items() if k not in variables()} | env
 
 
 def test_demo_data_then_process(tmp_path: Path) -> None:
@@ -146,3 +152,35 @@ def test_a_file_the_service_may_not_read_is_rejected_and_the_run_goes_on(
     assert (third["rejected"], third["updated"]) == ([], 1)
     output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text().splitlines()
     assert output[2] == "2,After,Last,2,"
+
+
+def test_config_prints_the_settings_in_effect_with_secrets_masked(tmp_path: Path) -> None:
+    secret = "s3cr3t-value"
+    env = {"MINIO_ENDPOINT": "minio:9000", "MINIO_ACCESS_KEY": "k", "MINIO_SECRET_KEY": secret, "PORT": "9090"}
+    result = cli("config", env=env | {"DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.partition("=")[0] for line in lines] == variables()
+    assert {"MINIO_ENDPOINT=minio:9000", f"MINIO_SECRET_KEY={MASK}", "PORT=9090", "API_TOKEN="} <= set(lines)
+    assert secret not in result.stdout
+
+    wrong = cli("config", env={"PORT": "http"})
+    assert (wrong.returncode, wrong.stdout) == (2, "")
+    assert wrong.stderr == "configuration error: PORT must be an integer, got 'http'\n"
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_help_lists_the_settings_and_points_to_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert set(subcommands()) == {"process", "demo-data", "serve", "schema", "config"}
+    for command in [[], *([name] for name in subcommands())]:
+        with pytest.raises(SystemExit):
+            _parser().parse_args([*command, "--help"])
+        shown = capsys.readouterr().out
+        assert "python -m service config" in shown, command
+        listed = [line.split("=")[0].strip() for line in shown.split("in effect:\n", 1)[1].splitlines()]
+        assert listed == variables(), command
+    assert subcommands()["serve"].format_help().count("PORT=8080") == 1
