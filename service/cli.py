@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
+
+from aiohttp import web
 
 from . import logs
 from .aggregator import Aggregator, Progress
@@ -155,16 +159,42 @@ def _demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from .app import create_app
-
-    shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
-    print(f"GraphiQL: http://{shown}:{settings.port}/graphql   REST: /data /stats", flush=True)
-    web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log_class=logs.AccessLogger
-    )
+    asyncio.run(_serve_until_stopped(settings))
     return 0
+
+
+async def _serve_until_stopped(settings: Settings) -> None:
+    """Listen, then print where, then serve until SIGINT or SIGTERM, then shut down gracefully."""
+    from .app import create_app  # the schema: only this command needs it
+
+    stopped = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+    # keepalive_timeout: web.run_app's, which served before
+    runner = web.AppRunner(create_app(settings), access_log_class=logs.AccessLogger, keepalive_timeout=75.0)
+    await runner.setup()
+    try:
+        port = await _listen(runner, settings.host, settings.port)
+        shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+        print(f"GraphiQL: http://{_address(shown, port)}/graphql   REST: /data /stats", flush=True)
+        await stopped.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    """Bind HOST:PORT and return the port (the one chosen when PORT is 0); failing, one line that says
+    which settings to change."""
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or type(exc).__name__
+        raise ServiceError(f"cannot listen on {_address(host, port)} (HOST, PORT): {reason.lower()}") from None
+    return int(runner.addresses[0][1])
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _schema(settings: Settings, args: argparse.Namespace) -> int:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from service.config import MASK, variables
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
+NEVER = "0 0 1 1 *"
 
 
 def cli(
@@ -184,3 +188,45 @@ def test_every_help_lists_the_settings_and_points_to_config(capsys: pytest.Captu
         listed = [line.split("=")[0].strip() for line in shown.split("in effect:\n", 1)[1].splitlines()]
         assert listed == variables(), command
     assert subcommands()["serve"].format_help().count("PORT=8080") == 1
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_a_port_in_use_is_one_line_naming_the_settings(tmp_path: Path, busy_port: int) -> None:
+    env = {"DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": str(busy_port), "SCHEDULE": NEVER}
+    result = cli("serve", env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""  # no banner: nothing listens
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{busy_port} (HOST, PORT): address already in use"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_serve_prints_where_it_listens_and_stops_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
+    env = own_environment({"DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": "0", "SCHEDULE": NEVER})
+    command = [sys.executable, "-m", "service", "serve"]
+    with subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            banner = proc.stdout.readline()  # printed once the port is bound: PORT=0 shows the one chosen
+            url = banner.split()[1]
+            assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:0/"), banner
+            with urllib.request.urlopen(url.replace("/graphql", "/healthz"), timeout=30) as response:
+                assert json.load(response) == {"status": "ok"}
+            proc.send_signal(signum)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert stdout == ""
+    assert not [word for word in ("Traceback", "Unclosed", "destroyed") if word in stderr], stderr
