@@ -230,3 +230,25 @@ def test_serve_prints_where_it_listens_and_stops_on_a_signal(tmp_path: Path, sig
     assert proc.returncode == 0, stderr
     assert stdout == ""
     assert not [word for word in ("Traceback", "Unclosed", "destroyed") if word in stderr], stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        pytest.param(args, 1, id=" ".join(args))
+        for args in (["schema"], ["config"], ["demo-data", "--users", "3"], ["process", "--json"])
+    ]
+    + [pytest.param(["serve", "--help"], 0, id="serve --help")],  # argparse ignores a failed write of help
+)
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str], code: int) -> None:
+    """`python -m service schema | head -1`, with `head` gone before the first write: no traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "service", *args], stdout=writer, stderr=subprocess.PIPE, text=True,
+            env=own_environment({"DATA_DIR": str(tmp_path)}), cwd=ROOT, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (code, "")
