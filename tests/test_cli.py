@@ -107,6 +107,23 @@ def test_unreachable_store_is_a_one_line_failure() -> None:
     assert secret not in result.stderr + result.stdout
     # No message holds the secret, so none is edited to hide it: a one-letter secret garbles nothing.
     assert process("s").stderr == result.stderr
+    # The words are true: TLS is off (aiohttp's own text says "ssl:default"), and the message part (it
+    # goes into run reports) names no endpoint; the part in brackets, for the log, does.
+    assert result.stderr == (
+        "error: cannot create bucket 'datalake' after 4 attempts: ClientConnectorError: connection refused "
+        "[bucket 'datalake' at 127.0.0.1:9: cannot connect to 127.0.0.1:9 (connection refused)]\n"
+    )
+
+
+def test_an_unknown_store_host_is_named_as_such() -> None:
+    env = {"MINIO_ENDPOINT": "no-such-host.invalid:9000", "MINIO_ACCESS_KEY": "k", "MINIO_SECRET_KEY": "s"}
+    result = cli("process", env=env | {"MINIO_RETRIES": "0", "MINIO_TIMEOUT": "10"})
+    assert result.returncode == 1
+    message, _, where = result.stderr.partition(" [")
+    # getaddrinfo's own words (they vary with the resolver), not "unknown error -2" for its EAI_ number
+    assert message.startswith("error: cannot create bucket 'datalake': ClientConnectorDNSError: ")
+    assert "unknown error" not in result.stderr and "ssl:default" not in result.stderr
+    assert where.startswith("bucket 'datalake' at no-such-host.invalid:9000: cannot connect to no-such-host.invalid")
 
 
 def test_the_text_report_names_a_sample_of_many_rejected_files() -> None:
