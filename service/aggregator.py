@@ -164,6 +164,7 @@ class Aggregator:
 
     @classmethod
     def from_settings(cls, store: ObjectStore, settings: Settings) -> Aggregator:
+        """The aggregator the settings describe: `process` and `serve` must read and write the same keys."""
         return cls(
             store, src_prefix=settings.src_prefix, output_key=settings.output_key,
             concurrency=settings.fetch_concurrency,

@@ -107,7 +107,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
         max_subscriptions_per_connection=10,
     )
     app.router.add_route("*", "/graphql", view)
-    graphiql.add_routes(app)
+    graphiql.add_routes(app, directory=settings.graphiql_assets_dir)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics.handler)

@@ -1,17 +1,21 @@
-"""Command line: process, demo-data, serve, schema."""
+"""Command line: process, demo-data, serve, schema, config."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from aiohttp import web
+
 from . import logs
 from .aggregator import Aggregator, Progress
-from .config import Settings, load_settings
+from .config import Settings, describe, load_settings
 from .demo import has_objects, write_demo_data
 from .errors import ConfigError, ServiceError, StorageError
 from .report import RunReport
@@ -19,6 +23,20 @@ from .stores import open_store
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # here, where a closed pipe can still be handled, not at interpreter exit
+    except BrokenPipeError:
+        # The reader went away (`... | head`): as the Python docs advise for SIGPIPE, point stdout at
+        # devnull so the final flush cannot fail again, and exit without a traceback.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: Sequence[str] | None) -> int:
     args = _parser().parse_args(argv)
     try:
         settings = load_settings()
@@ -36,12 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m service", description=__doc__)
+    epilog, layout = _settings_epilog(), argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m service", description=__doc__, epilog=epilog, formatter_class=layout
+    )
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
-    process = commands.add_parser("process", help="run one aggregation and print its report")
+
+    def command(name: str, summary: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=summary, description=summary, epilog=epilog, formatter_class=layout)
+
+    process = command("process", "run one aggregation and print its report")
     process.add_argument("--json", action="store_true", help="print the report as JSON")
     process.set_defaults(handler=_process)
-    demo = commands.add_parser("demo-data", help="write a synthetic source dataset into the store")
+    demo = command("demo-data", "write a synthetic source dataset into the store")
     demo.add_argument("--users", type=int, required=True)
     demo.add_argument("--image-ratio", type=float, default=0.7)
     demo.add_argument("--seed", type=int, default=0)
@@ -50,11 +75,19 @@ def _parser() -> argparse.ArgumentParser:
         "--if-empty", action="store_true", help="write nothing when the source prefix already holds objects"
     )
     demo.set_defaults(handler=_demo)
-    serve = commands.add_parser("serve", help="serve GraphQL and REST, aggregating on the schedule")
-    serve.set_defaults(handler=_serve)
-    schema = commands.add_parser("schema", help="print the GraphQL schema (SDL)")
-    schema.set_defaults(handler=_schema)
+    command("serve", "serve GraphQL and REST, aggregating on the schedule").set_defaults(handler=_serve)
+    command("schema", "print the GraphQL schema (SDL)").set_defaults(handler=_schema)
+    command("config", "print the settings in effect, one NAME=value a line").set_defaults(handler=_config)
     return parser
+
+
+def _settings_epilog() -> str:
+    """Every command reads the same environment: say which variables, and where their values show."""
+    defaults = "\n".join(f"  {line}" for line in describe(Settings()))
+    return (
+        "settings come from these environment variables, shown with their defaults (empty: unset);\n"
+        f"README.md explains them, and `python -m service config` prints the values in effect:\n{defaults}"
+    )
 
 
 def _process(settings: Settings, args: argparse.Namespace) -> int:
@@ -149,20 +182,51 @@ async def _write_demo(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from .app import create_app
-
-    shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
-    print(f"GraphiQL: http://{shown}:{settings.port}/graphql   REST: /data /stats", flush=True)
-    web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log_class=logs.AccessLogger
-    )
+    asyncio.run(_serve_until_stopped(settings))
     return 0
+
+
+async def _serve_until_stopped(settings: Settings) -> None:
+    """Listen, then print where, then serve until SIGINT or SIGTERM, then shut down gracefully."""
+    from .app import create_app  # the schema: only this command needs it
+
+    stopped = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
+    # keepalive_timeout: web.run_app's, which served before
+    runner = web.AppRunner(create_app(settings), access_log_class=logs.AccessLogger, keepalive_timeout=75.0)
+    await runner.setup()
+    try:
+        port = await _listen(runner, settings.host, settings.port)
+        shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+        print(f"GraphiQL: http://{_address(shown, port)}/graphql   REST: /data /stats", flush=True)
+        await stopped.wait()
+    finally:
+        await runner.cleanup()
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    """Bind HOST:PORT and return the port (the one chosen when PORT is 0); failing, one line that says
+    which settings to change."""
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or type(exc).__name__
+        raise ServiceError(f"cannot listen on {_address(host, port)} (HOST, PORT): {reason.lower()}") from None
+    return int(runner.addresses[0][1])
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _schema(settings: Settings, args: argparse.Namespace) -> int:
     from .schema import build_schema
 
     print(build_schema().as_str())
+    return 0
+
+
+def _config(settings: Settings, args: argparse.Namespace) -> int:
+    print("\n".join(describe(settings)))
     return 0

@@ -1,143 +1,201 @@
-"""Settings: read once from the environment, typed, validated, failing fast with the variable's name."""
+"""Settings: each one defined once (variable, default, parser), read from the environment, typed, validated,
+failing fast with the variable's name."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 from cronsim import CronSim, CronSimError
 
 from .errors import ConfigError, InvalidKey
 from .storage import check_key, check_prefix
 
+T = TypeVar("T")
+
 DEFAULT_FETCH_CONCURRENCY = 64
 DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
 DEFAULT_MAX_PAGE_SIZE = 10_000
+#: Inside the package (gitignored), where `scripts/fetch_graphiql_assets.py` installs by default.
+DEFAULT_GRAPHIQL_ASSETS_DIR = Path(__file__).resolve().parent / "_graphiql_assets"
+MASK = "***"
 _ENDPOINT = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:]+\](:[0-9]{1,5})?$")
 _KEY_RULES = " (no leading '/', no empty, '.' or '..' segments, no backslash)"
 _TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off", ""}
+_FALSE = {"0", "false", "no", "off"}
 # The MinIO password an earlier .env.example shipped: it is public, so it protects nothing.
 _PUBLISHED_EXAMPLE_SECRET = "change-me-to-a-long-random-password"  # noqa: S105
 
+Parse = Callable[[str, str], T]
+"""Turns a variable's text (never blank) into its setting; `ConfigError` names the variable."""
+
 
 @dataclass(frozen=True)
-class Settings:
-    """Everything configurable. Secrets are excluded from `repr`."""
+class Variable:
+    """The environment variable behind one setting."""
 
-    minio_endpoint: str | None = None
-    minio_access_key: str | None = field(default=None, repr=False)
-    minio_secret_key: str | None = field(default=None, repr=False)
-    minio_secure: bool = False
-    minio_timeout: float = 30.0
-    minio_retries: int = 3
-    data_dir: Path = Path("data")
-    bucket: str = "datalake"
-    src_prefix: str = "src-data/"
-    output_key: str = "processed_data/output.csv"
-    fetch_concurrency: int = DEFAULT_FETCH_CONCURRENCY
-    host: str = "0.0.0.0"  # noqa: S104 - a service in a container listens on all interfaces
-    port: int = 8080
-    schedule: str = "*/5 * * * *"
-    api_token: str | None = field(default=None, repr=False)
-    published_address: str | None = None
-    max_page_size: int = DEFAULT_MAX_PAGE_SIZE
-    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
-    log_format: str = "text"
-    introspection: bool = True
-
-    def __post_init__(self) -> None:
-        _check_locations(self.src_prefix, self.output_key)
-
-    @property
-    def uses_minio(self) -> bool:
-        return self.minio_endpoint is not None
+    name: str
+    parse: Parse[Any]
+    secret: bool = False
 
 
-def load_settings(env: Mapping[str, str] | None = None) -> Settings:
-    """Build `Settings` from `env` (default: the process environment); `ConfigError` names a bad variable."""
-    env = os.environ if env is None else env
-    endpoint = _text(env, "MINIO_ENDPOINT")
-    if endpoint is not None and not _ENDPOINT.match(endpoint):
-        raise ConfigError(f"MINIO_ENDPOINT must be host:port without a scheme, got {endpoint!r}")
-    access, secret = _text(env, "MINIO_ACCESS_KEY"), _secret_key(env)
-    if endpoint is not None and (access is None or secret is None):
-        raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
-    return Settings(
-        minio_endpoint=endpoint,
-        minio_access_key=access,
-        minio_secret_key=secret,
-        minio_secure=_bool(env, "MINIO_SECURE", default=False),
-        minio_timeout=float(_int(env, "MINIO_TIMEOUT", 30, 1, 3600)),
-        minio_retries=_int(env, "MINIO_RETRIES", 3, 0, 20),
-        data_dir=Path(_text(env, "DATA_DIR") or "data"),
-        bucket=_bucket(env),
-        src_prefix=_prefix(env),
-        output_key=_text(env, "OUTPUT_KEY") or "processed_data/output.csv",
-        fetch_concurrency=_int(env, "FETCH_CONCURRENCY", DEFAULT_FETCH_CONCURRENCY, 1, 1024),
-        host=_text(env, "HOST") or "0.0.0.0",  # noqa: S104
-        port=_int(env, "PORT", 8080, 0, 65535),
-        schedule=_schedule(env),
-        api_token=_text(env, "API_TOKEN"),
-        published_address=_published_address(env),
-        max_page_size=_int(env, "MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE, 1, 1_000_000),
-        max_image_bytes=_int(env, "MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, 1, 1 << 40),
-        log_format=_choice(env, "LOG_FORMAT", ("text", "json")),
-        introspection=_bool(env, "GRAPHQL_INTROSPECTION", default=True),
-    )
+def _setting(name: str, default: T, parse: Parse[T], *, secret: bool = False) -> T:
+    """A `Settings` field: its default here, and only here; secrets are kept out of `repr`."""
+    return field(default=default, repr=not secret, metadata={"variable": Variable(name, parse, secret)})
 
 
-def _text(env: Mapping[str, str], name: str) -> str | None:
-    value = env.get(name, "").strip()
-    return value or None
+def _text(name: str, raw: str) -> str:
+    return raw
 
 
-def _int(env: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
-    raw = _text(env, name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-    if not low <= value <= high:
-        raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
-    return value
+def _path(name: str, raw: str) -> Path:
+    return Path(raw)
 
 
-def _choice(env: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
-    value = (_text(env, name) or choices[0]).lower()
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
-    return value
+def _integer(low: int, high: int) -> Parse[int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+        return value
+
+    return parse
 
 
-def _bool(env: Mapping[str, str], name: str, *, default: bool) -> bool:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    if raw.strip().lower() in _TRUE:
+def _seconds(low: int, high: int) -> Parse[float]:
+    whole = _integer(low, high)
+    return lambda name, raw: float(whole(name, raw))
+
+
+def _boolean(name: str, raw: str) -> bool:
+    if raw.lower() in _TRUE:
         return True
-    if raw.strip().lower() in _FALSE:
+    if raw.lower() in _FALSE:
         return False
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
-def _bucket(env: Mapping[str, str]) -> str:
-    bucket = _text(env, "BUCKET") or "datalake"
-    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket):
-        raise ConfigError(f"BUCKET must be a valid S3 bucket name (3-63 of a-z 0-9 . -), got {bucket!r}")
-    return bucket
+def _one_of(*choices: str) -> Parse[str]:
+    def parse(name: str, raw: str) -> str:
+        if raw.lower() not in choices:
+            raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {raw.lower()!r}")
+        return raw.lower()
+
+    return parse
 
 
-def _prefix(env: Mapping[str, str]) -> str:
-    prefix = _text(env, "SRC_PREFIX") or "src-data/"
-    return prefix if prefix.endswith("/") else prefix + "/"
+def _endpoint(name: str, raw: str) -> str:
+    if not _ENDPOINT.match(raw):
+        raise ConfigError(f"{name} must be host:port without a scheme, got {raw!r}")
+    return raw
+
+
+def _bucket(name: str, raw: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", raw):
+        raise ConfigError(f"{name} must be a valid S3 bucket name (3-63 of a-z 0-9 . -), got {raw!r}")
+    return raw
+
+
+def _prefix(name: str, raw: str) -> str:
+    return raw if raw.endswith("/") else raw + "/"
+
+
+def _schedule(name: str, raw: str) -> str:
+    try:
+        CronSim(raw, datetime.now(UTC))  # aiocron's own parser
+    except CronSimError as exc:
+        raise ConfigError(f"{name} is not a valid cron expression: {raw!r} ({exc})") from None
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything configurable, each field with its variable. Secrets are excluded from `repr`."""
+
+    minio_endpoint: str | None = _setting("MINIO_ENDPOINT", None, _endpoint)
+    minio_access_key: str | None = _setting("MINIO_ACCESS_KEY", None, _text, secret=True)
+    minio_secret_key: str | None = _setting("MINIO_SECRET_KEY", None, _text, secret=True)
+    minio_secure: bool = _setting("MINIO_SECURE", False, _boolean)
+    minio_timeout: float = _setting("MINIO_TIMEOUT", 30.0, _seconds(1, 3600))
+    minio_retries: int = _setting("MINIO_RETRIES", 3, _integer(0, 20))
+    data_dir: Path = _setting("DATA_DIR", Path("data"), _path)  # noqa: RUF009 - a Field, like field()
+    bucket: str = _setting("BUCKET", "datalake", _bucket)
+    src_prefix: str = _setting("SRC_PREFIX", "src-data/", _prefix)
+    output_key: str = _setting("OUTPUT_KEY", "processed_data/output.csv", _text)
+    fetch_concurrency: int = _setting("FETCH_CONCURRENCY", DEFAULT_FETCH_CONCURRENCY, _integer(1, 1024))
+    # A service in a container listens on all interfaces.
+    host: str = _setting("HOST", "0.0.0.0", _text)  # noqa: S104
+    port: int = _setting("PORT", 8080, _integer(0, 65535))
+    schedule: str = _setting("SCHEDULE", "*/5 * * * *", _schedule)
+    api_token: str | None = _setting("API_TOKEN", None, _text, secret=True)
+    published_address: str | None = _setting("PUBLISHED_ADDRESS", None, _text)
+    max_page_size: int = _setting("MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE, _integer(1, 1_000_000))
+    max_image_bytes: int = _setting("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, _integer(1, 1 << 40))
+    log_format: str = _setting("LOG_FORMAT", "text", _one_of("text", "json"))
+    introspection: bool = _setting("GRAPHQL_INTROSPECTION", True, _boolean)
+    graphiql_assets_dir: Path = _setting("GRAPHIQL_ASSETS_DIR", DEFAULT_GRAPHIQL_ASSETS_DIR, _path)  # noqa: RUF009
+
+    def __post_init__(self) -> None:
+        if self.minio_endpoint is not None and (self.minio_access_key is None or self.minio_secret_key is None):
+            raise ConfigError("MINIO_ACCESS_KEY and MINIO_SECRET_KEY are required when MINIO_ENDPOINT is set")
+        if self.minio_secret_key == _PUBLISHED_EXAMPLE_SECRET:
+            raise ConfigError(
+                "MINIO_SECRET_KEY is the example password of an earlier .env.example, which anyone can read: "
+                "choose a random one, e.g. `openssl rand -hex 24` (with docker compose: MINIO_ROOT_PASSWORD in .env)"
+            )
+        _check_published_address(self.published_address, self.api_token)
+        _check_locations(self.src_prefix, self.output_key)
+
+
+def _variables() -> list[tuple[str, Variable]]:
+    """(field name, variable) of every setting, in the order of `Settings`."""
+    return [(f.name, f.metadata["variable"]) for f in fields(Settings)]
+
+
+def variables() -> list[str]:
+    """The names of every variable the settings are read from."""
+    return [variable.name for _, variable in _variables()]
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Build `Settings` from `env` (default: the process environment); `ConfigError` names a bad variable.
+
+    A variable that is unset, empty or blank leaves its setting at the default: compose passes optional
+    variables through as empty strings.
+    """
+    env = os.environ if env is None else env
+    given: dict[str, Any] = {}
+    for attribute, variable in _variables():
+        if raw := env.get(variable.name, "").strip():
+            given[attribute] = variable.parse(variable.name, raw)
+    return Settings(**given)
+
+
+def describe(settings: Settings) -> list[str]:
+    """`NAME=value` for every setting, as `load_settings` would read it back; a secret that is set shows as
+    `MASK`, and an unset one is empty."""
+    return [f"{variable.name}={_shown(getattr(settings, attribute), variable)}" for attribute, variable in _variables()]
+
+
+def _shown(value: object, variable: Variable) -> str:
+    if value is None:
+        return ""
+    if variable.secret:
+        return MASK
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _check_locations(src_prefix: str, output_key: str) -> None:
@@ -160,29 +218,17 @@ def _check_locations(src_prefix: str, output_key: str) -> None:
         raise ConfigError(f"OUTPUT_KEY {output_key!r} must not be under SRC_PREFIX {src_prefix!r}")
 
 
-def _secret_key(env: Mapping[str, str]) -> str | None:
-    secret = _text(env, "MINIO_SECRET_KEY")
-    if secret == _PUBLISHED_EXAMPLE_SECRET:
-        raise ConfigError(
-            "MINIO_SECRET_KEY is the example password of an earlier .env.example, which anyone can read: "
-            "choose a random one, e.g. `openssl rand -hex 24` (with docker compose: MINIO_ROOT_PASSWORD in .env)"
-        )
-    return secret
-
-
-def _published_address(env: Mapping[str, str]) -> str | None:
+def _check_published_address(address: str | None, api_token: str | None) -> None:
     """Where the deployment publishes the port; anywhere but loopback, starting runs must need API_TOKEN.
 
     Inside a container the service listens on all interfaces, so only the deployment (docker-compose.yml)
-    knows whether the port is reachable from the network, and it says so here.
+    knows whether the port is reachable from the network, and it says so in PUBLISHED_ADDRESS.
     """
-    address = _text(env, "PUBLISHED_ADDRESS")
-    if address is not None and _text(env, "API_TOKEN") is None and not _is_loopback(address):
+    if address is not None and not (api_token or "").strip() and not _is_loopback(address):
         raise ConfigError(
             f"API_TOKEN must be set when PUBLISHED_ADDRESS is {address!r}, not a loopback address: "
             "otherwise anyone who can reach the port can start runs"
         )
-    return address
 
 
 def _is_loopback(address: str) -> bool:
@@ -192,12 +238,3 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address.removeprefix("[").removesuffix("]")).is_loopback
     except ValueError:
         return False  # a host name: it may resolve to anything
-
-
-def _schedule(env: Mapping[str, str]) -> str:
-    schedule = _text(env, "SCHEDULE") or "*/5 * * * *"
-    try:
-        CronSim(schedule, datetime.now(UTC))  # aiocron's own parser
-    except CronSimError as exc:
-        raise ConfigError(f"SCHEDULE is not a valid cron expression: {schedule!r} ({exc})") from None
-    return schedule

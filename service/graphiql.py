@@ -5,7 +5,8 @@ Explorer plugin from unpkg.com, so on an offline network ``/graphql`` renders a 
 same page is rebuilt against local copies of those bundles:
 
 * ``scripts/fetch_graphiql_assets.py`` downloads the pinned npm packages at build/install time and
-  installs their browser bundles into :func:`assets_dir` (nothing is committed to git);
+  installs their browser bundles into a directory (nothing is committed to git): the setting
+  ``GRAPHIQL_ASSETS_DIR``, by default :data:`DEFAULT_ASSETS_DIR`;
 * :func:`add_routes` serves those files under ``/graphiql-assets/``;
 * :class:`OfflineGraphQLView` is Strawberry's aiohttp ``GraphQLView`` with ``render_graphql_ide``
   overridden to return :func:`graphiql_html` instead of the CDN page.
@@ -20,7 +21,7 @@ Wiring::
     from service.graphiql import OfflineGraphQLView, add_routes
 
     app.router.add_route("*", "/graphql", OfflineGraphQLView(schema=schema))
-    add_routes(app)
+    add_routes(app, directory=settings.graphiql_assets_dir)
 """
 
 from __future__ import annotations
@@ -30,13 +31,14 @@ import hashlib
 import html
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Final
 
 from aiohttp import web
 from strawberry.aiohttp.views import GraphQLView
 from strawberry.http.typevars import Context, RootValue
+
+from .config import DEFAULT_GRAPHIQL_ASSETS_DIR
 
 __all__ = [
     "ASSETS_ENV_VAR",
@@ -46,18 +48,18 @@ __all__ = [
     "FETCH_COMMAND",
     "OfflineGraphQLView",
     "add_routes",
-    "assets_dir",
     "assets_fingerprint",
     "graphiql_html",
+    "installed",
     "missing_assets_html",
 ]
 
 logger = logging.getLogger(__name__)
 
 ASSETS_ENV_VAR: Final = "GRAPHIQL_ASSETS_DIR"
-#: Default install location, inside the package directory (gitignored). Docker images should set
-#: ``GRAPHIQL_ASSETS_DIR`` instead, since a non-editable install puts the package in site-packages.
-DEFAULT_ASSETS_DIR: Final = Path(__file__).resolve().parent / "_graphiql_assets"
+#: The default of the ``GRAPHIQL_ASSETS_DIR`` setting, inside the package directory (gitignored). Docker
+#: images set the variable instead, since a non-editable install puts the package in site-packages.
+DEFAULT_ASSETS_DIR: Final = DEFAULT_GRAPHIQL_ASSETS_DIR
 DEFAULT_ASSET_BASE: Final = "/graphiql-assets"
 FETCH_COMMAND: Final = "python3 scripts/fetch_graphiql_assets.py"
 MANIFEST_NAME: Final = "manifest.json"
@@ -76,6 +78,7 @@ ASSET_FILES: Final = frozenset(
 )
 
 ASSET_BASE_KEY: Final = web.AppKey("graphiql_asset_base", str)
+ASSETS_DIR_KEY: Final = web.AppKey("graphiql_assets_dir", Path)
 _IMMUTABLE: Final = "public, max-age=31536000, immutable"
 _REVALIDATE: Final = "no-cache"
 
@@ -304,19 +307,17 @@ def graphiql_html(asset_base: str = DEFAULT_ASSET_BASE, *, cache_token: str | No
     )
 
 
-def missing_assets_html() -> str:
-    """The page served instead of GraphiQL when the offline assets are not installed."""
-    env_state = " (it is currently set)" if os.environ.get(ASSETS_ENV_VAR, "").strip() else " (it is not set)"
+def missing_assets_html(directory: Path) -> str:
+    """The page served instead of GraphiQL when the offline assets are not installed in `directory`.
+
+    It says whether the variable is set but never names the directory: the page is public.
+    """
+    env_state = " (it is not set)" if directory == DEFAULT_ASSETS_DIR else " (it is currently set)"
     return _MISSING_PAGE.format(
         fetch_command=html.escape(FETCH_COMMAND),
         env_var=ASSETS_ENV_VAR,
         env_state=env_state,
     )
-
-
-def _configured_dir() -> Path:
-    env = os.environ.get(ASSETS_ENV_VAR, "").strip()
-    return Path(env) if env else DEFAULT_ASSETS_DIR
 
 
 def _read_manifest(directory: Path) -> dict[str, object] | None:
@@ -327,20 +328,16 @@ def _read_manifest(directory: Path) -> dict[str, object] | None:
     return manifest if isinstance(manifest, dict) else None
 
 
-def assets_dir() -> Path | None:
-    """The directory holding a complete install of the assets, or None if they are not installed.
+def installed(directory: Path) -> bool:
+    """Whether `directory` holds a complete install of the assets.
 
-    ``$GRAPHIQL_ASSETS_DIR`` if set, else :data:`DEFAULT_ASSETS_DIR` (``service/_graphiql_assets``).
-    The directory counts as installed when the fetch script's ``manifest.json`` (written last) is
-    there and every file in :data:`ASSET_FILES` exists. Checked on every call, so installing the
-    assets into a running service takes effect on the next page load.
+    It does when the fetch script's ``manifest.json`` (written last) is there and every file in
+    :data:`ASSET_FILES` exists. Checked on every call, so installing the assets into a running service
+    takes effect on the next page load.
     """
-    directory = _configured_dir()
     if _read_manifest(directory) is None:
-        return None
-    if not all((directory / name).is_file() for name in ASSET_FILES):
-        return None
-    return directory
+        return False
+    return all((directory / name).is_file() for name in ASSET_FILES)
 
 
 def assets_fingerprint(directory: Path) -> str | None:
@@ -356,8 +353,8 @@ async def _serve_asset(request: web.Request) -> web.StreamResponse:
     name = request.match_info["name"]
     if name not in ASSET_FILES:
         raise web.HTTPNotFound
-    directory = assets_dir()
-    if directory is None:
+    directory = request.config_dict[ASSETS_DIR_KEY]
+    if not installed(directory):
         raise web.HTTPNotFound(text=f"GraphiQL offline assets are not installed; run {FETCH_COMMAND}")
     token = assets_fingerprint(directory)
     versioned = token is not None and request.query.get("v") == token
@@ -375,19 +372,23 @@ async def _serve_asset(request: web.Request) -> web.StreamResponse:
     )
 
 
-def add_routes(app: web.Application, asset_base: str = DEFAULT_ASSET_BASE) -> None:
-    """Serve the installed asset files at ``GET/HEAD {asset_base}/{name}``.
+def add_routes(
+    app: web.Application, asset_base: str = DEFAULT_ASSET_BASE, directory: Path = DEFAULT_ASSETS_DIR
+) -> None:
+    """Serve the asset files installed in `directory` at ``GET/HEAD {asset_base}/{name}``.
 
-    Also records ``asset_base`` in the app so :class:`OfflineGraphQLView` builds matching URLs.
+    Also records ``asset_base`` and `directory` in the app so :class:`OfflineGraphQLView` builds
+    matching URLs from the same install.
     """
     base = _normalise_asset_base(asset_base)
     app[ASSET_BASE_KEY] = base
+    app[ASSETS_DIR_KEY] = directory
     app.router.add_get(f"{base}/{{name}}", _serve_asset, name="graphiql-assets")
-    if assets_dir() is None:
+    if not installed(directory):
         logger.warning(
             "GraphiQL offline assets not found in %s; /graphql will show an installation notice "
             "instead of the IDE until you run `%s` (or set %s).",
-            _configured_dir(),
+            directory,
             FETCH_COMMAND,
             ASSETS_ENV_VAR,
         )
@@ -398,19 +399,22 @@ class OfflineGraphQLView(GraphQLView[Context, RootValue]):
 
     Generic in the context and root value types exactly like ``GraphQLView``; subclass it the same way
     (e.g. ``class MyView(OfflineGraphQLView[MyContext, None])`` overriding ``get_context``). The asset
-    URL prefix is the one passed to :func:`add_routes`, or :attr:`asset_base` if that was not called on
-    this app (e.g. when the files are served by a reverse proxy).
+    URL prefix and install directory are the ones passed to :func:`add_routes`, or :attr:`asset_base`
+    and :attr:`assets_directory` if that was not called on this app (e.g. when the files are served by
+    a reverse proxy).
     """
 
     asset_base: str = DEFAULT_ASSET_BASE
+    assets_directory: Path = DEFAULT_ASSETS_DIR
 
     async def render_graphql_ide(self, request: web.Request) -> web.Response:
         if self.graphql_ide != "graphiql":  # apollo-sandbox / pathfinder: Strawberry's own pages
             return await super().render_graphql_ide(request)
         headers = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"}
-        directory = assets_dir()
-        if directory is None:
-            return web.Response(status=503, text=missing_assets_html(), content_type="text/html", headers=headers)
+        directory = request.config_dict.get(ASSETS_DIR_KEY, self.assets_directory)
+        if not installed(directory):
+            page = missing_assets_html(directory)
+            return web.Response(status=503, text=page, content_type="text/html", headers=headers)
         base = request.config_dict.get(ASSET_BASE_KEY, self.asset_base)
         page = graphiql_html(base, cache_token=assets_fingerprint(directory))
         return web.Response(text=page, content_type="text/html", headers=headers)

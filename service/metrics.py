@@ -5,16 +5,17 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
+from functools import lru_cache
 
 from aiohttp import web
 from graphql import DocumentNode, FieldNode, OperationDefinitionNode
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from strawberry.extensions import SchemaExtension
+from strawberry.schema.base import BaseSchema
 
 from .report import RunReport
 
-ROOT_FIELDS = frozenset({"users", "user", "stats", "lastRun", "runs", "reprocess", "runEvents", "snapshots"})
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 
@@ -62,9 +63,10 @@ class Metrics:
             def on_operation(self) -> Iterator[None]:
                 started = time.perf_counter()
                 yield
+                elapsed = time.perf_counter() - started
                 context = self.execution_context
-                operation = f"{context.operation_type.value}:{_root_field(context.graphql_document)}"
-                histogram.labels(operation).observe(time.perf_counter() - started)
+                root = _root_field(context.graphql_document, _root_fields(context.schema))
+                histogram.labels(f"{context.operation_type.value}:{root}").observe(elapsed)
 
         return OperationTimer
 
@@ -89,12 +91,22 @@ class Metrics:
         return web.Response(body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def _root_field(document: DocumentNode | None) -> str:
+@lru_cache(maxsize=8)
+def _root_fields(schema: BaseSchema) -> frozenset[str]:
+    """The GraphQL names of the schema's query, mutation and subscription fields, read from the schema
+    itself so that a field added there is labelled without a change here."""
+    roots = (schema.query, schema.mutation, schema.subscription)
+    definitions = [root.__strawberry_definition__ for root in roots if root is not None]
+    name = schema.config.name_converter.get_graphql_name
+    return frozenset(name(field) for definition in definitions for field in definition.fields)
+
+
+def _root_field(document: DocumentNode | None, root_fields: frozenset[str]) -> str:
     """The operation's first root field when it is one of the schema's (a bounded label), else 'other'."""
     for definition in document.definitions if document else ():
         if isinstance(definition, OperationDefinitionNode):
             first = definition.selection_set.selections[0] if definition.selection_set.selections else None
-            if isinstance(first, FieldNode) and first.name.value in ROOT_FIELDS:
+            if isinstance(first, FieldNode) and first.name.value in root_fields:
                 return first.name.value
             break
     return "other"

@@ -275,7 +275,7 @@ class MinioStore:
         target = f"bucket {self._bucket!r}" if key is None else repr(key)
         tries = f" after {attempts} attempts" if attempts > 1 else ""
         message = f"cannot {op} {target}{tries}: {self._describe(exc)}"
-        where = f"bucket {self._bucket!r} at {self._endpoint}: {exc}"
+        where = f"bucket {self._bucket!r} at {self._endpoint}: {_sdk_text(exc)}"
         if isinstance(exc, S3Error) and exc.code in _NOT_FOUND:
             return ObjectNotFound(message, where=where)
         if op == "write" and _precondition_failed(exc):
@@ -295,8 +295,24 @@ class MinioStore:
         if isinstance(exc, TimeoutError):
             return f"timed out ({self._timeout:g}s)"
         if isinstance(exc, OSError) and exc.errno:  # a refused connection: its text holds the address
-            return f"{type(exc).__name__}: {os.strerror(exc.errno).lower()}"
+            return f"{type(exc).__name__}: {_os_reason(exc)}"
         return type(exc).__name__
+
+
+def _os_reason(exc: OSError) -> str:
+    """What went wrong, in the words for its number: an `OSError`'s own text may hold the address."""
+    if exc.errno is not None and exc.errno > 0:
+        return os.strerror(exc.errno).lower()
+    # A failed name lookup: getaddrinfo's own words (EAI_* numbers are negative; strerror knows none).
+    return (exc.strerror or type(exc).__name__).lower()
+
+
+def _sdk_text(exc: Exception) -> str:
+    """The SDK's own text for `exc`, for the log, except where it is untrue: aiohttp says `ssl:default`
+    of a failed connection whether or not it was to use TLS."""
+    if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(exc, aiohttp.ClientSSLError):
+        return f"cannot connect to {exc.host}:{exc.port} ({_os_reason(exc)})"
+    return str(exc)
 
 
 def _status(exc: Exception) -> int | None:

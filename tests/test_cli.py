@@ -2,36 +2,46 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from service.aggregator import UNREADABLE_PREFIX
-from service.cli import format_report
+from service.cli import _parser, format_report
+from service.config import MASK, variables
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
+NEVER = "0 0 1 1 *"
 
 
 def cli(
     *args: str, env: dict[str, str], wrap: Callable[[list[str]], list[str]] = list
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "API_TOKEN"))} | env
     return subprocess.run(
         wrap([sys.executable, "-m", "service", *args]),
         check=False,
         capture_output=True,
         text=True,
-        env=full_env,
+        env=own_environment(env),
         cwd=ROOT,
         timeout=120,
     )
+
+
+def own_environment(env: dict[str, str]) -> dict[str, str]:
+    """The test's environment without the settings it may have set, plus `env`."""
+    return {k: v for k, v in os.environ.items() if k not in variables()} | env
 
 
 def test_demo_data_then_process(tmp_path: Path) -> None:
@@ -119,6 +129,23 @@ def test_unreachable_store_is_a_one_line_failure() -> None:
     assert secret not in result.stderr + result.stdout
     # No message holds the secret, so none is edited to hide it: a one-letter secret garbles nothing.
     assert process("s").stderr == result.stderr
+    # The words are true: TLS is off (aiohttp's own text says "ssl:default"), and the message part (it
+    # goes into run reports) names no endpoint; the part in brackets, for the log, does.
+    assert result.stderr == (
+        "error: cannot create bucket 'datalake' after 4 attempts: ClientConnectorError: connection refused "
+        "[bucket 'datalake' at 127.0.0.1:9: cannot connect to 127.0.0.1:9 (connection refused)]\n"
+    )
+
+
+def test_an_unknown_store_host_is_named_as_such() -> None:
+    env = {"MINIO_ENDPOINT": "no-such-host.invalid:9000", "MINIO_ACCESS_KEY": "k", "MINIO_SECRET_KEY": "s"}
+    result = cli("process", env=env | {"MINIO_RETRIES": "0", "MINIO_TIMEOUT": "10"})
+    assert result.returncode == 1
+    message, _, where = result.stderr.partition(" [")
+    # getaddrinfo's own words (they vary with the resolver), not "unknown error -2" for its EAI_ number
+    assert message.startswith("error: cannot create bucket 'datalake': ClientConnectorDNSError: ")
+    assert "unknown error" not in result.stderr and "ssl:default" not in result.stderr
+    assert where.startswith("bucket 'datalake' at no-such-host.invalid:9000: cannot connect to no-such-host.invalid")
 
 
 def test_the_text_report_names_a_sample_of_many_rejected_files() -> None:
@@ -168,3 +195,99 @@ def test_a_file_the_service_may_not_read_is_rejected_and_the_run_goes_on(
     assert (third["rejected"], third["updated"]) == ([], 1)
     output = (tmp_path / "datalake" / "processed_data" / "output.csv").read_text().splitlines()
     assert output[2] == "2,After,Last,2,"
+
+
+def test_config_prints_the_settings_in_effect_with_secrets_masked(tmp_path: Path) -> None:
+    secret = "s3cr3t-value"
+    env = {"MINIO_ENDPOINT": "minio:9000", "MINIO_ACCESS_KEY": "k", "MINIO_SECRET_KEY": secret, "PORT": "9090"}
+    result = cli("config", env=env | {"DATA_DIR": str(tmp_path)})
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.partition("=")[0] for line in lines] == variables()
+    assert {"MINIO_ENDPOINT=minio:9000", f"MINIO_SECRET_KEY={MASK}", "PORT=9090", "API_TOKEN="} <= set(lines)
+    assert secret not in result.stdout
+
+    wrong = cli("config", env={"PORT": "http"})
+    assert (wrong.returncode, wrong.stdout) == (2, "")
+    assert wrong.stderr == "configuration error: PORT must be an integer, got 'http'\n"
+
+
+def subcommands() -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return dict(action.choices)
+
+
+def test_every_help_lists_the_settings_and_points_to_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert set(subcommands()) == {"process", "demo-data", "serve", "schema", "config"}
+    for command in [[], *([name] for name in subcommands())]:
+        with pytest.raises(SystemExit):
+            _parser().parse_args([*command, "--help"])
+        shown = capsys.readouterr().out
+        assert "python -m service config" in shown, command
+        listed = [line.split("=")[0].strip() for line in shown.split("in effect:\n", 1)[1].splitlines()]
+        assert listed == variables(), command
+    assert subcommands()["serve"].format_help().count("PORT=8080") == 1
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        yield taken.getsockname()[1]
+
+
+def test_a_port_in_use_is_one_line_naming_the_settings(tmp_path: Path, busy_port: int) -> None:
+    env = {"DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": str(busy_port), "SCHEDULE": NEVER}
+    result = cli("serve", env=env)
+    assert result.returncode == 1
+    assert result.stdout == ""  # no banner: nothing listens
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"error: cannot listen on 127.0.0.1:{busy_port} (HOST, PORT): address already in use"
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_serve_prints_where_it_listens_and_stops_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
+    env = own_environment({"DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": "0", "SCHEDULE": NEVER})
+    command = [sys.executable, "-m", "service", "serve"]
+    with subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            banner = proc.stdout.readline()  # printed once the port is bound: PORT=0 shows the one chosen
+            url = banner.split()[1]
+            assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:0/"), banner
+            with urllib.request.urlopen(url.replace("/graphql", "/healthz"), timeout=30) as response:
+                assert json.load(response) == {"status": "ok"}
+            proc.send_signal(signum)
+            stdout, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert stdout == ""
+    assert not [word for word in ("Traceback", "Unclosed", "destroyed") if word in stderr], stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "code"),
+    [
+        pytest.param(args, 1, id=" ".join(args))
+        for args in (["schema"], ["config"], ["demo-data", "--users", "3"], ["process", "--json"])
+    ]
+    + [pytest.param(["serve", "--help"], 0, id="serve --help")],  # argparse ignores a failed write of help
+)
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str], code: int) -> None:
+    """`python -m service schema | head -1`, with `head` gone before the first write: no traceback."""
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "service", *args], stdout=writer, stderr=subprocess.PIPE, text=True,
+            env=own_environment({"DATA_DIR": str(tmp_path)}), cwd=ROOT, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert (result.returncode, result.stderr) == (code, "")

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
-from service.config import DEFAULT_FETCH_CONCURRENCY, DEFAULT_MAX_IMAGE_BYTES, Settings, load_settings
+from service.aggregator import Aggregator
+from service.config import (
+    DEFAULT_FETCH_CONCURRENCY,
+    DEFAULT_GRAPHIQL_ASSETS_DIR,
+    DEFAULT_MAX_IMAGE_BYTES,
+    MASK,
+    Settings,
+    describe,
+    load_settings,
+    variables,
+)
 from service.errors import ConfigError
+from service.local_store import LocalStore
 
 S3 = {"MINIO_ENDPOINT": "minio:9000", "MINIO_ACCESS_KEY": "access", "MINIO_SECRET_KEY": "s3cr3t-value"}
 
@@ -22,12 +34,13 @@ def test_defaults() -> None:
     assert settings.data_dir == Path("data")
     assert settings.fetch_concurrency == DEFAULT_FETCH_CONCURRENCY
     assert settings.max_image_bytes == DEFAULT_MAX_IMAGE_BYTES == 20 * 1024 * 1024
-    assert not settings.uses_minio
+    assert settings.minio_endpoint is None
+    assert settings.graphiql_assets_dir == DEFAULT_GRAPHIQL_ASSETS_DIR
 
 
 def test_minio_settings_and_secrets_hidden() -> None:
     settings = load_settings({**S3, "MINIO_SECURE": "true", "API_TOKEN": "tok-123", "SRC_PREFIX": "in"})
-    assert settings.uses_minio and settings.minio_secure
+    assert settings.minio_endpoint == "minio:9000" and settings.minio_secure
     assert settings.src_prefix == "in/"
     for shown in (repr(settings), str(settings), f"{settings}"):
         assert "s3cr3t-value" not in shown and "tok-123" not in shown
@@ -133,3 +146,49 @@ def test_without_a_published_address_no_token_is_needed() -> None:
     """Outside compose (`docker run -p`, a local run) the service cannot know where it is published."""
     settings = load_settings({})
     assert settings.published_address is None and settings.api_token is None
+
+
+def test_every_setting_has_one_variable() -> None:
+    names = variables()
+    assert len(names) == len(set(names)) == len(fields(Settings))
+    assert "GRAPHIQL_ASSETS_DIR" in names
+
+
+def test_an_empty_variable_leaves_every_setting_at_its_default() -> None:
+    # compose passes optional variables through as empty strings
+    assert load_settings(dict.fromkeys(variables(), "")) == Settings()
+    assert load_settings(dict.fromkeys(variables(), "  ")) == Settings()
+
+
+def test_graphiql_assets_dir_is_a_setting() -> None:
+    assert load_settings({"GRAPHIQL_ASSETS_DIR": "/opt/assets"}).graphiql_assets_dir == Path("/opt/assets")
+
+
+def test_described_settings_read_back_the_same_with_secrets_masked() -> None:
+    env = {
+        **S3, "API_TOKEN": "tok-123", "MINIO_SECURE": "true", "MINIO_TIMEOUT": "5", "PORT": "9000",
+        "SCHEDULE": "0 * * * *", "GRAPHQL_INTROSPECTION": "off", "DATA_DIR": "/srv/data", "LOG_FORMAT": "JSON",
+    }  # fmt: skip
+    settings = load_settings(env)
+    lines = describe(settings)
+    assert [line.partition("=")[0] for line in lines] == variables()
+    shown = dict(line.partition("=")[::2] for line in lines)
+    secrets = ("MINIO_ACCESS_KEY", "MINIO_SECRET_KEY", "API_TOKEN")
+    assert {name: shown[name] for name in secrets} == dict.fromkeys(secrets, MASK)
+    assert "s3cr3t-value" not in "\n".join(lines) and "tok-123" not in "\n".join(lines)
+    read_back = load_settings(shown | {name: env[name] for name in secrets})
+    assert read_back == settings
+    assert dict(line.partition("=")[::2] for line in describe(Settings()))["API_TOKEN"] == ""  # unset: empty
+
+
+async def test_one_constructor_for_the_aggregator(tmp_path: Path) -> None:
+    settings = Settings(src_prefix="in/", output_key="out/users.csv", fetch_concurrency=2)
+    store = LocalStore(tmp_path, "datalake")
+    (tmp_path / "datalake" / "in").mkdir(parents=True)
+    (tmp_path / "datalake" / "in" / "7.csv").write_text("first_name,last_name,birthts\nAda,Lovelace,0\n")
+
+    aggregator = Aggregator.from_settings(store, settings)
+
+    assert aggregator.output_key == "out/users.csv"
+    assert (await aggregator.run()).report.users == 1
+    assert (tmp_path / "datalake" / "out" / "users.csv").read_text().splitlines()[1] == "7,Ada,Lovelace,0,"

@@ -33,7 +33,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from service import graphiql
+from service.app import create_app
+from service.config import Settings, load_settings
 from service.graphiql import OfflineGraphQLView, add_routes, graphiql_html
+from service.local_store import LocalStore
 
 REPO = Path(__file__).resolve().parent.parent
 FETCH_SCRIPT = REPO / "scripts" / "fetch_graphiql_assets.py"
@@ -96,11 +99,11 @@ class ContextView(OfflineGraphQLView[dict[str, object], None]):
         return {"request": request, "response": response}
 
 
-def make_app() -> web.Application:
+def make_app(directory: Path) -> web.Application:
     app = web.Application()
     view = ContextView(schema=SCHEMA, subscription_protocols=("graphql-transport-ws",))
     app.router.add_route("*", "/graphql", view)
-    add_routes(app)
+    add_routes(app, directory=directory)
     return app
 
 
@@ -173,14 +176,11 @@ def test_fetch_script_installs_exactly_the_files_the_page_loads() -> None:
     assert all(re.fullmatch(r"\d+\.\d+\.\d+", version) for version, _, _ in script.PACKAGES.values())
 
 
-async def test_fallback_page_when_assets_dir_is_empty(
-    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_fallback_page_when_assets_dir_is_empty(aiohttp_client: Any, tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    monkeypatch.setenv(graphiql.ASSETS_ENV_VAR, str(empty))
-    assert graphiql.assets_dir() is None
-    client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app())
+    assert not graphiql.installed(empty)
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app(empty))
 
     resp = await client.get("/graphql", headers={"Accept": "text/html"})
     assert resp.status == 503
@@ -188,6 +188,7 @@ async def test_fallback_page_when_assets_dir_is_empty(
     assert "GraphiQL offline assets are not installed" in page
     assert graphiql.FETCH_COMMAND in page
     assert graphiql.ASSETS_ENV_VAR in page
+    assert "it is currently set" in page and str(tmp_path) not in page  # a public page names no path
     assert re.findall(r"(?i)\b(?:https?|wss?)://", page) == []
     assert [ref for ref in html_refs(page) if ref != "data:,"] == []
 
@@ -206,10 +207,9 @@ async def test_fallback_page_when_assets_dir_is_empty(
     assert "/graphiql-assets/graphiql.min.js?v=0123abcd" in await resp.text()
 
 
-async def test_asset_route_caching(aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_asset_route_caching(aiohttp_client: Any, tmp_path: Path) -> None:
     contents = fake_install(tmp_path / "assets")
-    monkeypatch.setenv(graphiql.ASSETS_ENV_VAR, str(tmp_path / "assets"))
-    client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app())
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(make_app(tmp_path / "assets"))
 
     resp = await client.get("/graphiql-assets/graphiql.min.js?v=0123abcd")
     assert resp.status == 200
@@ -234,6 +234,21 @@ async def test_asset_route_caching(aiohttp_client: Any, tmp_path: Path, monkeypa
     assert "default-src &#x27;none&#x27;" in csp.group(1)
 
 
+async def test_the_service_finds_the_assets_through_its_settings(
+    aiohttp_client: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_install(tmp_path / "assets")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.setenv(graphiql.ASSETS_ENV_VAR, str(tmp_path / "elsewhere"))  # read once, by load_settings only
+    settings = Settings(schedule="0 0 1 1 *", graphiql_assets_dir=tmp_path / "assets")
+    app = create_app(settings, store=LocalStore(tmp_path / "data", "datalake"))
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+
+    assert (await client.get("/graphiql-assets/graphiql.min.js?v=0123abcd")).status == 200
+    page = await client.get("/graphql", headers={"Accept": "text/html"})
+    assert page.status == 200 and "?v=0123abcd" in await page.text()
+
+
 # --- the browser test ------------------------------------------------------------------------------
 
 
@@ -245,7 +260,8 @@ def find_chromium() -> str | None:
 
 
 def ensure_assets_installed() -> Path:
-    if (directory := graphiql.assets_dir()) is not None:
+    directory = load_settings().graphiql_assets_dir  # where the fetch script installs, too
+    if graphiql.installed(directory):
         return directory
     proc = subprocess.run([sys.executable, str(FETCH_SCRIPT)], capture_output=True, text=True, timeout=600, check=False)
     if proc.returncode != 0:
@@ -254,8 +270,7 @@ def ensure_assets_installed() -> Path:
             f"(exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}",
             pytrace=False,
         )
-    directory = graphiql.assets_dir()
-    assert directory is not None, proc.stdout + proc.stderr
+    assert graphiql.installed(directory), proc.stdout + proc.stderr
     return directory
 
 
@@ -382,9 +397,10 @@ async def test_graphiql_renders_and_runs_a_query_offline(aiohttp_server: Any) ->
     binary = find_chromium()
     if binary is None:
         pytest.skip("no Chromium binary (apt-get install chromium, or set CHROMIUM_BIN)")
-    token = graphiql.assets_fingerprint(ensure_assets_installed())
+    directory = ensure_assets_installed()
+    token = graphiql.assets_fingerprint(directory)
     started = time.monotonic()
-    server: TestServer = await aiohttp_server(make_app())
+    server: TestServer = await aiohttp_server(make_app(directory))
     origin = str(server.make_url("/")).rstrip("/")
     ws_origin = "ws" + origin.removeprefix("http")
     response_js = codemirror_value_js(".graphiql-response")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import strawberry
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from s3server import free_ports
@@ -21,6 +22,7 @@ from service.config import Settings
 from service.history import HistoryStore
 from service.local_store import LocalStore
 from service.logs import JsonFormatter, TextFormatter
+from service.metrics import Metrics
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 PROTOCOL = "graphql-transport-ws"
@@ -50,6 +52,25 @@ async def test_metrics(client: TestClient[Any, Any]) -> None:
     assert metric(text, 'graphql_operation_seconds_count{operation="query:users"}') == 1  # an alias is not a label
     assert metric(text, 'http_responses_total{method="GET",route="/stats",status="400"}') == 1
     assert metric(text, 'http_responses_total{method="POST",route="/graphql",status="200"}') == 3
+
+
+async def test_operation_labels_follow_the_schema_they_time() -> None:
+    @strawberry.type
+    class Query:
+        @strawberry.field
+        def first_field(self) -> int:
+            return 1
+
+    metrics = Metrics()
+    schema = strawberry.Schema(query=Query, extensions=[metrics.extension()])
+    for document in ("{ firstField }", "{ a: firstField }", "{ chosenByTheClient }", "{ __typename }"):
+        await schema.execute(document)
+    counts = {
+        sample.labels["operation"]: sample.value
+        for sample in metrics.queries.collect()[0].samples
+        if sample.name.endswith("_count")
+    }
+    assert counts == {"query:firstField": 2, "query:other": 2}  # a name no field has is no label
 
 
 async def test_run_history_survives_a_restart(aiohttp_client: ClientFactory, local: LocalStore) -> None:
