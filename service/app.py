@@ -25,13 +25,14 @@ from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
 from .events import Broadcaster, RunFinished, RunProgress
 from .history import HistoryStore
+from .lease import Lease
 from .metrics import Metrics
 from .report import Outcome, RunReport
 from .runner import Runner, RunnerClosed
 from .schema import Context, build_schema
 from .snapshot import Snapshot
 from .state import ServiceState, SnapshotBoard
-from .storage import ObjectStore
+from .storage import ObjectInfo, ObjectStore
 from .stores import open_store
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[SETTINGS] = settings
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
-    app.cleanup_ctx.extend([_close_store, _serve_runs, _start_up, _schedule])  # cleaned up in reverse
+    app.cleanup_ctx.extend([_close_store, _serve_runs, _start_up, _follow, _schedule])  # cleaned up in reverse
     schema = build_schema(
         [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
     )
@@ -122,17 +123,17 @@ async def _close_store(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
-    """The runner and what it feeds: the served snapshot, run events, metrics and the run history."""
+    """The runner and what it feeds: the served snapshot, run events, metrics and the shared history."""
     settings, store, metrics = app[SETTINGS], app[STORE], app[METRICS]
     events = Broadcaster()
     snapshots = SnapshotBoard(events, metrics)
     history = HistoryStore(store, settings.output_key + ".runs.json", limit=HISTORY_LIMIT)
+    lease = Lease(store, settings.output_key + ".lease", settings.replica(), settings.lease_ttl)
+    lease.on_change = metrics.observe_lease
 
-    async def on_report(report: RunReport, reports: list[RunReport]) -> None:
+    async def on_report(report: RunReport) -> None:
         metrics.observe_run(report)
         events.publish(RunFinished(report))
-        if report.outcome is Outcome.SUCCEEDED:
-            await history.save(reports)
 
     aggregator = Aggregator.from_settings(store, settings)
     runner = Runner(
@@ -142,9 +143,12 @@ async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
         history=HISTORY_LIMIT,
         on_progress=_throttled(lambda run_id, p: events.publish(RunProgress(run_id, p))),
         on_report=on_report,
+        lease=lease,
+        shared=history,
+        replica=lease.replica,
     )
     app[STATE] = ServiceState(settings, store, runner, snapshots, events, metrics)
-    app[STARTUP] = _StartUp(aggregator, history)
+    app[STARTUP] = _StartUp(aggregator, history, lease)
     yield
     await runner.close()
 
@@ -158,10 +162,20 @@ async def _start_up(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(task, return_exceptions=True)
 
 
+async def _follow(app: web.Application) -> AsyncIterator[None]:
+    """Serve what other replicas commit: a look at the manifest's ETag every FOLLOW_INTERVAL."""
+    follower = Follower(app[STATE], app[STARTUP], app[SETTINGS].follow_interval)
+    task = asyncio.create_task(follower.follow(), name="follower")
+    task.add_done_callback(_log_failure)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 async def _schedule(app: web.Application) -> AsyncIterator[None]:
-    """The cron: on every tick, a run (or a share of the one in flight)."""
-    runner = app[STATE].runner
-    cron = aiocron.crontab(app[SETTINGS].schedule, func=lambda: scheduled_run(runner), start=True, tz=UTC)
+    """The cron: on every tick, a run, unless another replica holds the lease (it runs, this one skips)."""
+    runner, lease = app[STATE].runner, app[STARTUP].lease
+    cron = aiocron.crontab(app[SETTINGS].schedule, func=lambda: scheduled_run(runner, lease), start=True, tz=UTC)
     yield
     cron.stop()
 
@@ -170,6 +184,66 @@ async def _schedule(app: web.Application) -> AsyncIterator[None]:
 class _StartUp:
     aggregator: Aggregator
     history: HistoryStore
+    lease: Lease
+
+
+class Follower:
+    """Loads commits other replicas make, so that every replica answers the same within seconds.
+
+    Each look is a HEAD of the manifest (never a listing); only a new ETag leads to reading it. The
+    shared run history is read at the same time, so `runs` lists the runs of every replica.
+    """
+
+    def __init__(self, state: ServiceState, startup: _StartUp, interval: float) -> None:
+        self._state = state
+        self._startup = startup
+        self._interval = interval
+        self._seen_manifest: str | None = None
+        self._seen_history: str | None = None
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            if self._state.runner.held:
+                continue  # start-up has not loaded the history and the committed output yet
+            try:
+                await self.look()
+            except StorageError as exc:
+                logger.warning("could not follow the committed output: %s", exc.for_log())
+
+    async def look(self) -> None:
+        """One look: serve a newer commit, and take the shared history when it changed."""
+        await self._follow_commit()
+        await self._follow_history()
+
+    async def _follow_commit(self) -> None:
+        startup, state = self._startup, self._state
+        info = await _stat_or_none(state.store, startup.aggregator.manifest_key)
+        if info is None or info.etag == self._seen_manifest:
+            return
+        self._seen_manifest = info.etag
+        served = state.snapshot
+        committed = await startup.aggregator.load_committed()
+        if committed is None or (served is not None and committed.version <= served.version):
+            return  # this replica's own commit, or nothing new
+        snapshot = Snapshot(committed.table, committed.version, info.last_modified, rejected=committed.rejected)
+        if state.snapshots.publish(snapshot):
+            state.metrics.observe_follow(datetime.now(UTC) - info.last_modified)
+
+    async def _follow_history(self) -> None:
+        history = self._startup.history
+        info = await _stat_or_none(self._state.store, history.key)
+        if info is None or info.etag == self._seen_history:
+            return
+        self._seen_history = info.etag
+        self._state.runner.adopt(await history.load())
+
+
+async def _stat_or_none(store: ObjectStore, key: str) -> ObjectInfo | None:
+    try:
+        return await store.stat(key)
+    except ObjectNotFound:
+        return None
 
 
 STARTUP = web.AppKey("startup", _StartUp)
@@ -180,8 +254,18 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         logger.error("start-up failed; the service will not become ready", exc_info=exc)
 
 
-async def scheduled_run(runner: Runner) -> None:
-    """The cron callback (a tick during start-up or shutdown has nothing to do)."""
+async def scheduled_run(runner: Runner, lease: Lease | None = None) -> None:
+    """The cron callback (a tick during start-up or shutdown has nothing to do). The cron fires on every
+    replica: while another one holds the lease, it is running, and this one skips its tick."""
+    if lease is not None:
+        try:
+            holder = await lease.holder()
+        except StorageError as exc:
+            logger.warning("scheduled run skipped: the lease cannot be read (%s)", exc.for_log())
+            return
+        if holder is not None and holder.replica != lease.replica:
+            logger.info("scheduled run skipped: replica %s is running (run %d)", holder.replica, holder.run)
+            return
     with contextlib.suppress(RunnerClosed, NotReady):
         await runner.run("schedule")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -76,6 +77,19 @@ def _seconds(low: int, high: int) -> Parse[float]:
     return lambda name, raw: float(whole(name, raw))
 
 
+def _fraction(low: float, high: float) -> Parse[float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be between {low:g} and {high:g} seconds, got {raw}")
+        return value
+
+    return parse
+
+
 def _boolean(name: str, raw: str) -> bool:
     if raw.lower() in _TRUE:
         return True
@@ -143,6 +157,15 @@ class Settings:
     log_format: str = _setting("LOG_FORMAT", "text", _one_of("text", "json"))
     introspection: bool = _setting("GRAPHQL_INTROSPECTION", True, _boolean)
     graphiql_assets_dir: Path = _setting("GRAPHIQL_ASSETS_DIR", DEFAULT_GRAPHIQL_ASSETS_DIR, _path)  # noqa: RUF009
+    lease_ttl: float = _setting("LEASE_TTL", 30.0, _fraction(1, 3600))
+    follow_interval: float = _setting("FOLLOW_INTERVAL", 2.0, _fraction(0.05, 3600))
+    replica_id: str | None = _setting("REPLICA_ID", None, _text)
+    workers: int = _setting("WORKERS", 1, _integer(1, 64))
+
+    def replica(self) -> str:
+        """This process's name among the replicas: REPLICA_ID, else the host name and the process id
+        (worked out when asked: worker processes are forked after the settings are read)."""
+        return self.replica_id or f"{socket.gethostname()}:{os.getpid()}"
 
     def __post_init__(self) -> None:
         if self.minio_endpoint is not None and (self.minio_access_key is None or self.minio_secret_key is None):

@@ -87,7 +87,7 @@ class Lease:
         self.replica = replica
         self.ttl = timedelta(seconds=ttl)
         self._clock = clock
-        self.on_change: Callable[[bool], None] | None = None  # called with True when taken, False when lost
+        self.on_change: Callable[[str], None] | None = None  # "acquired", then "released" or "lost"
 
     @contextlib.asynccontextmanager
     async def hold(self, run_id: int) -> AsyncIterator[Holding]:
@@ -97,7 +97,7 @@ class Lease:
         """
         record, etag = await self._take(run_id)
         holding = Holding(self, record, etag)
-        self._changed(True)
+        self._changed("acquired")
         renewer = asyncio.create_task(holding.renew_until_done(), name="lease-renewal")
         try:
             yield holding
@@ -105,7 +105,7 @@ class Lease:
             renewer.cancel()
             await asyncio.gather(renewer, return_exceptions=True)
             await holding.release()
-            self._changed(False)
+            self._changed("lost" if holding.lost else "released")
 
     async def holder(self) -> LeaseRecord | None:
         """Who holds the lease now (None when nobody does)."""
@@ -139,9 +139,9 @@ class Lease:
         # conditional write that follows fail, which is the safe outcome.
         return LeaseRecord.from_bytes(data), info.etag
 
-    def _changed(self, held: bool) -> None:
+    def _changed(self, event: str) -> None:
         if self.on_change is not None:
-            self.on_change(held)
+            self.on_change(event)
 
 
 class Holding:
@@ -152,6 +152,10 @@ class Holding:
         self.record = record
         self._etag = etag
         self._lost: str | None = None
+
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
 
     def check(self) -> None:
         """`LeaseLost` unless the lease is still ours and unexpired: called before every commit write."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 
 from aiohttp import web
@@ -39,6 +39,14 @@ class Metrics:
             "graphql_operation_seconds", "GraphQL operation latency", ["operation"], buckets=_FAST, registry=r
         )
         self.responses = Counter("http_responses", "HTTP responses", ["method", "route", "status"], registry=r)
+        self.lease_held = Gauge("lease_held", "1 while this replica holds the aggregation lease", registry=r)
+        self.lease_events = Counter(
+            "lease_events", "Lease acquisitions, releases and losses of this replica", ["event"], registry=r
+        )
+        self.follower_lag = Histogram(
+            "follower_lag_seconds", "From a commit by another replica to this replica serving it",
+            buckets=(0.5, 1, 2, 3, 5, 10, 30, 60, 300), registry=r,
+        )  # fmt: skip
 
     def _snapshot_age(self) -> float:
         return float("nan") if self._committed_at is None else time.time() - self._committed_at
@@ -49,6 +57,13 @@ class Metrics:
         for stage, value in (("listed", report.listed), ("fetched", report.fetched)):
             self.objects.labels(stage).set(value)
         self.objects.labels("rejected").set(report.rejected_count)
+
+    def observe_lease(self, event: str) -> None:
+        self.lease_events.labels(event=event).inc()
+        self.lease_held.set(1 if event == "acquired" else 0)
+
+    def observe_follow(self, lag: timedelta) -> None:
+        self.follower_lag.observe(max(lag.total_seconds(), 0.0))
 
     def observe_snapshot(self, users: int, version: int, committed_at: datetime) -> None:
         self.snapshot_users.set(users)

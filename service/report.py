@@ -108,6 +108,7 @@ class RunReport:
     rejected: tuple[RejectedFile, ...] = ()
     conflicts: tuple[Conflict, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    replica: str = ""  # the replica that ran it (the history is shared by all replicas)
 
     @property
     def duration_seconds(self) -> float:

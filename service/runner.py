@@ -6,10 +6,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 
 from .aggregator import Aggregator, Progress, ProgressCallback, RunResult, Superseded
 from .errors import NotReady, ServiceError, StorageError
+from .history import HistoryStore
 from .lease import Lease, LeaseBusy, LeaseLost
 from .report import Outcome, RejectedFiles, RunReport
 
@@ -33,9 +35,11 @@ class Runner:
         *,
         history: int = 50,
         on_progress: Callable[[int, Progress], None] | None = None,
-        on_report: Callable[[RunReport, list[RunReport]], Awaitable[None]] | None = None,
+        on_report: Callable[[RunReport], Awaitable[None]] | None = None,
         held: bool = False,
         lease: Lease | None = None,
+        shared: HistoryStore | None = None,
+        replica: str = "",
     ) -> None:
         self._aggregator = aggregator
         self._lease = lease
@@ -43,6 +47,8 @@ class Runner:
         self._on_commit = on_commit
         self._on_progress = on_progress
         self._on_report = on_report
+        self._shared = shared
+        self.replica = replica
         self._pending: asyncio.Future[RunReport] | None = None
         self._pending_trigger = ""
         self._loop_task: asyncio.Task[None] | None = None
@@ -51,6 +57,11 @@ class Runner:
         self._next_id = 1
         self._rejected = RejectedFiles.empty()  # as of the last successful run, to log only changes
         self.history: deque[RunReport] = deque(maxlen=history)
+
+    @property
+    def held(self) -> bool:
+        """Whether runs wait for start-up (the shared history is not loaded yet)."""
+        return self._held
 
     @property
     def last_report(self) -> RunReport | None:
@@ -101,9 +112,12 @@ class Runner:
             self._on_commit(result)
             _log_report(report)
             await self._log_rejections(run_id, result.rejected)
+        report = replace(report, replica=self.replica)
         self.history.append(report)
+        if self._shared is not None and (merged := await self._shared.record(report)) is not None:
+            self.adopt(merged)
         if self._on_report is not None:
-            await self._on_report(report, list(self.history))
+            await self._on_report(report)
         return report
 
     async def _aggregate(self, run_id: int, trigger: str) -> RunResult:
@@ -134,11 +148,17 @@ class Runner:
 
     def restore(self, reports: list[RunReport]) -> None:
         """Seed the history with persisted reports (oldest first) and start accepting runs; new run
-        ids continue after the restored ones."""
+        ids continue after this replica's restored ones."""
         self._held = False
+        self.adopt(reports)
+
+    def adopt(self, reports: list[RunReport]) -> None:
+        """Take the shared history (the runs of every replica, oldest first) as this runner's."""
+        self.history.clear()
         self.history.extend(reports)
-        if reports:
-            self._next_id = max(self._next_id, max(r.run_id for r in reports) + 1)
+        own = [r.run_id for r in reports if r.replica == self.replica]
+        if own:
+            self._next_id = max(self._next_id, max(own) + 1)
 
     @staticmethod
     def _failed(run_id: int, trigger: str, started: datetime, error: str) -> RunReport:

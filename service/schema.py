@@ -171,6 +171,7 @@ class ProcessingRun:
         description=f"The first {REJECTED_SAMPLE} rejected files by key (rejectedFiles lists all of the latest run)."
     )
     conflicts: list[Conflict]
+    replica: str = strawberry.field(description="The replica that ran it: the history is shared by all replicas.")
 
     @classmethod
     def from_report(cls, report: RunReport) -> ProcessingRun:
@@ -184,7 +185,7 @@ class ProcessingRun:
             full_rebuild=report.full_rebuild, warnings=list(report.warnings),
             rejected_count=report.rejected_count,
             rejected=[RejectedFile(key=r.key, reason=r.reason) for r in report.rejected],
-            conflicts=[Conflict.from_domain(c) for c in report.conflicts],
+            conflicts=[Conflict.from_domain(c) for c in report.conflicts], replica=report.replica,
         )  # fmt: skip
 
 

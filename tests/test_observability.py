@@ -112,7 +112,7 @@ async def test_an_old_history_with_every_rejected_file_loads_cut_down(local_stor
     old, empty = await history.load()
     assert old.rejected_count == 3_000 and old.rejected == tuple(sorted(files, key=lambda f: f.key)[:REJECTED_SAMPLE])
     assert (empty.rejected_count, empty.rejected) == (0, ())
-    await history.save([old, empty])
+    await history.record(empty)  # merged into the history: every entry is written again
     assert len(await local_store.get(HISTORY_KEY)) < 4_000  # was over 200 KB
     assert await history.load() == [old, empty]
 
@@ -135,7 +135,7 @@ async def test_the_history_is_encoded_and_decoded_off_the_event_loop(
     monkeypatch.setattr(RunReport, "from_json", recording_from_json)
     history = HistoryStore(local_store, HISTORY_KEY, limit=100)
     report = RunReport(1, "schedule", datetime.now(UTC), datetime.now(UTC), Outcome.SUCCEEDED)
-    await history.save([report])
+    await history.record(report)
     assert await history.load() == [report]
     assert len(threads) == 2 and threading.current_thread() not in threads
 
