@@ -63,8 +63,12 @@ def page(positions: IntArray, limit: int | None, offset: int, maximum: int) -> P
     GraphQL `users` and REST `GET /data`, so both page alike and refuse alike."""
     if offset < 0:
         raise BadRequest(f"offset must not be negative, got {offset}")
-    if limit is not None and not 0 <= limit <= maximum:
-        raise BadRequest(f"limit must be between 0 and {maximum}, got {limit}; paginate with offset")
+    if limit is not None and limit < 0:
+        raise BadRequest(f"limit must not be negative, got {limit}")
+    if limit is not None and limit > maximum:
+        raise BadRequest(
+            f"limit must be at most {maximum} (MAX_PAGE_SIZE), got {limit}; fetch the following pages with offset"
+        )
     end = offset + (maximum if limit is None else limit)
     rows = positions[offset:end]
     # An empty page has no next one: limit=0 would otherwise point at itself forever.

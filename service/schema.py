@@ -145,13 +145,14 @@ class Conflict:
 
 @strawberry.type(description="The report of one aggregation run.")
 class ProcessingRun:
-    id: int
+    run_id: int = strawberry.field(description="The run's number (run_id over REST).")
+    id: int = strawberry.field(deprecation_reason="Use runId, the name the other types and REST (run_id) use.")
     trigger: str
     outcome: RunOutcome
     error: str | None
     started_at: datetime
     finished_at: datetime
-    duration_seconds: float
+    duration_seconds: float = strawberry.field(description="Rounded to the millisecond, as over REST.")
     listed: int
     fetched: int
     added: int
@@ -174,9 +175,9 @@ class ProcessingRun:
     @classmethod
     def from_report(cls, report: RunReport) -> ProcessingRun:
         return cls(
-            id=report.run_id, trigger=report.trigger, outcome=RunOutcome(report.outcome.value),
+            run_id=report.run_id, id=report.run_id, trigger=report.trigger, outcome=RunOutcome(report.outcome.value),
             error=report.error, started_at=report.started_at, finished_at=report.finished_at,
-            duration_seconds=report.duration_seconds, listed=report.listed, fetched=report.fetched,
+            duration_seconds=round(report.duration_seconds, 3), listed=report.listed, fetched=report.fetched,
             added=report.added, updated=report.updated, removed=report.removed, unchanged=report.unchanged,
             ignored=report.ignored, users=report.users, images=report.images,
             output_version=report.output_version, output_written=report.output_written,

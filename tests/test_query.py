@@ -6,6 +6,7 @@ import itertools
 import statistics
 from datetime import UTC, date, datetime
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
@@ -117,6 +118,16 @@ def test_every_filter_combination(has_image: bool | None, min_age: int | None, m
 def test_invalid_filters(flt: query.UserFilter, message: str) -> None:
     with pytest.raises(BadRequest, match=message):
         flt.validate()
+
+
+def test_a_negative_limit_is_not_told_to_page() -> None:
+    positions = np.arange(10)
+    with pytest.raises(BadRequest, match=r"^limit must not be negative, got -1$"):
+        query.page(positions, -1, 0, 5)
+    with pytest.raises(BadRequest, match=r"^limit must be at most 5 \(MAX_PAGE_SIZE\), got 6; .* with offset$"):
+        query.page(positions, 6, 0, 5)
+    with pytest.raises(BadRequest, match=r"^offset must not be negative, got -2$"):
+        query.page(positions, 1, -2, 5)
 
 
 def test_user_lookup_and_empty_snapshot() -> None:
