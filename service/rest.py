@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Mapping
+from typing import Any
 
 from aiohttp import hdrs, web
 from multidict import MultiMapping
@@ -22,34 +22,37 @@ logger = logging.getLogger(__name__)
 
 STATE = web.AppKey("state", ServiceState)
 IMAGE_CHUNK_BYTES = 256 * 1024
-_FILTER_PARAMS = frozenset({"is_image_exists", "min_age", "max_age"})
+FILTER_PARAMS = frozenset(field.rest for field in query.FILTERS)
 _PAGE_PARAMS = frozenset({"limit", "offset"})
 _TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "0"})
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
-_MAX_INT = 2**31 - 1  # limit and offset: the range of a GraphQL Int
+_MAX_INT = 2**31 - 1  # the range of a GraphQL Int: REST reads no larger number either
 _ENCODED_AT_ONCE = 1000  # rows
 
 
-def parse_filter(params: MultiMapping[str], allowed: frozenset[str] = _FILTER_PARAMS) -> query.UserFilter:
-    """`is_image_exists`, `min_age`, `max_age` from a query string; `BadRequest` names a bad one, or one
-    that is not in `allowed`, or one given twice."""
+def parse_filter(params: MultiMapping[str], allowed: frozenset[str] = FILTER_PARAMS) -> query.UserFilter:
+    """The filters of `query.FILTERS` from a query string; `BadRequest` names a bad one, or one that is not
+    in `allowed`, or one given twice."""
     unknown = sorted(set(params) - allowed)
     if unknown:
         raise BadRequest(f"unknown query parameter {unknown[0]!r} (allowed: {', '.join(sorted(allowed))})")
     repeated = sorted(name for name in allowed if len(params.getall(name, [])) > 1)
     if repeated:
         raise BadRequest(f"{repeated[0]} is given more than once")
-    return query.UserFilter(
-        has_image=_bool(params, "is_image_exists"),
-        min_age=_natural(params, "min_age", 1000),
-        max_age=_natural(params, "max_age", 1000),
-    ).validate(("min_age", "max_age"))
+    values = {field.name: _parse(field, params[field.rest]) for field in query.FILTERS if field.rest in params}
+    return query.UserFilter(**values).validate(query.Api.REST)
 
 
-def _bool(params: Mapping[str, str], name: str) -> bool | None:
-    if name not in params:
-        return None
-    value = params[name]
+def _parse(field: query.FilterField[Any], value: str) -> Any:
+    """A filter's value of its type, as a query string spells it (bounds are the domain's to check)."""
+    if field.type is bool:
+        return _bool(field.rest, value)
+    if field.type is int:
+        return _natural(field.rest, value)
+    return value
+
+
+def _bool(name: str, value: str) -> bool:
     if value in _TRUE:
         return True
     if value in _FALSE:
@@ -57,16 +60,13 @@ def _bool(params: Mapping[str, str], name: str) -> bool | None:
     raise BadRequest(f"{name} must be true or false (or 1/0), got {value[:50]!r}")
 
 
-def _natural(params: Mapping[str, str], name: str, most: int) -> int | None:
-    """A decimal integer from 0 to `most`; its length is checked before `int()` reads it."""
-    if name not in params:
-        return None
-    value = params[name]
+def _natural(name: str, value: str) -> int:
+    """A decimal integer from 0 to a GraphQL Int's maximum; its length is checked before `int()` reads it."""
     if not value.isascii() or not value.isdigit():
         raise BadRequest(f"{name} must be a non-negative integer, got {value[:50]!r}")
     digits = value.lstrip("0") or "0"
-    if len(digits) > len(str(most)) or int(digits) > most:
-        raise BadRequest(f"{name} must be between 0 and {most}, got {value[:50]!r}")
+    if len(digits) > len(str(_MAX_INT)) or int(digits) > _MAX_INT:
+        raise BadRequest(f"{name} must be at most {_MAX_INT} (a 32-bit integer, as over GraphQL), got {value[:50]!r}")
     return int(digits)
 
 
@@ -74,8 +74,9 @@ async def get_data(request: web.Request) -> web.Response:
     """A JSON array of output rows, one page of them (without `limit`, MAX_PAGE_SIZE rows). The headers
     give the number of matching rows (`X-Total-Count`) and, unless this is the last page, the next (`Link`)."""
     state, params = request.app[STATE], request.query
-    flt = parse_filter(params, _FILTER_PARAMS | _PAGE_PARAMS)
-    limit, offset = _natural(params, "limit", _MAX_INT), _natural(params, "offset", _MAX_INT) or 0
+    flt = parse_filter(params, FILTER_PARAMS | _PAGE_PARAMS)
+    limit = _natural("limit", params["limit"]) if "limit" in params else None
+    offset = _natural("offset", params["offset"]) if "offset" in params else 0
     page, body = await asyncio.to_thread(
         _records, state.current(), flt, limit=limit, offset=offset, maximum=state.settings.max_page_size
     )
@@ -110,17 +111,12 @@ async def post_data(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    result = query.stats(request.app[STATE].current(), parse_filter(request.query), query.today_utc())
-    return web.json_response(
-        {
-            "count": result.count,
-            "average_age": result.average_age,
-            "youngest_age": result.min_age,
-            "oldest_age": result.max_age,
-            "with_image": result.with_image,
-            "without_image": result.without_image,
-        }
-    )
+    flt, snapshot, today = parse_filter(request.query), request.app[STATE].current(), query.today_utc()
+    if flt.reads_rows():  # a filter the age histogram cannot answer searches every row: in a thread, as /data
+        result = await asyncio.to_thread(query.stats, snapshot, flt, today)
+    else:
+        result = query.stats(snapshot, flt, today)
+    return web.json_response({field.rest: getattr(result, field.name) for field in query.STATS_FIELDS})
 
 
 async def get_image(request: web.Request) -> web.StreamResponse:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import Any, NewType
+from typing import TYPE_CHECKING, Any, NewType, get_type_hints
 from urllib.parse import quote
 
 import numpy as np
@@ -45,6 +45,8 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # finds itself (a variable whose value does not coerce, a missing required variable) as a GraphQLError
 # wrapping another GraphQLError.
 _EXPECTED_ERRORS = (GraphQLError, BadRequest, NotReady, Unauthorized, RunnerClosed)
+# The filters `stats` answers by reading every row, as a document names them.
+_ROW_READING_FILTERS = tuple(f.graphql for f in query.FILTERS if f.name not in query.HISTOGRAM_FILTERS)
 REJECTED_PAGE = 100  # rejectedFiles without a limit: this many, or MAX_PAGE_SIZE if smaller
 
 
@@ -62,14 +64,46 @@ class Context:
 Info = strawberry.Info[Context, None]
 
 
-@strawberry.input(description="All fields optional, combined with AND. Age bounds are inclusive.")
-class UserFilter:
-    is_image_exists: bool | None = None
-    min_age: int | None = None
-    max_age: int | None = None
+class FilterInput:
+    """What resolvers read of the `UserFilter` input, whose fields `_filter_input` makes from `query.FILTERS`."""
 
     def to_query(self) -> query.UserFilter:
-        return query.UserFilter(self.is_image_exists, self.min_age, self.max_age).validate()
+        values = {field.name: getattr(self, field.name) for field in query.FILTERS}
+        return query.UserFilter(**values).validate(query.Api.GRAPHQL)
+
+
+def _filter_input() -> type[FilterInput]:
+    """`UserFilter`: one optional field per filter of the domain, named and described as it says."""
+    fields = {
+        f.name: (f.type | None, strawberry.field(default=None, name=f.graphql, description=f.description))
+        for f in query.FILTERS
+    }
+    description = "All fields optional, combined with AND. Age bounds are inclusive."
+    return strawberry.input(_class("UserFilter", FilterInput, fields), description=description)
+
+
+def _stats_type() -> type:
+    """`Stats`: a field per statistic of the domain, of its `query.Stats` attribute's type. Strawberry reads
+    a field by its attribute name, so resolvers return the domain's `query.Stats` as it is."""
+    hints = get_type_hints(query.Stats)
+    fields = {f.name: (hints[f.name], strawberry.field(name=f.graphql, description=f.doc)) for f in query.STATS_FIELDS}
+    return strawberry.type(_class("Stats", object, fields), description="Aggregates over the users matching a filter.")
+
+
+def _class(name: str, base: type, fields: Mapping[str, tuple[object, object]]) -> type:
+    """A class with these annotated attributes, as a `class` statement makes it, for Strawberry to decorate."""
+    namespace: dict[str, object] = {"__module__": __name__, "__qualname__": name}
+    namespace["__annotations__"] = {attribute: hint for attribute, (hint, _) in fields.items()}
+    namespace |= {attribute: default for attribute, (_, default) in fields.items()}
+    return type(name, (base,), namespace)
+
+
+if TYPE_CHECKING:  # mypy cannot see into a class made at run time: resolvers are checked against these
+    UserFilter = FilterInput
+    Stats = query.Stats
+else:
+    UserFilter = _filter_input()
+    Stats = _stats_type()
 
 
 @strawberry.type(description="One row of output.csv.")
@@ -95,16 +129,6 @@ class User:
             img_path=row.img_path or None,
             image_url=f"{origin}/images/{quote(row.user_id, safe='')}" if row.img_path else None,
         )
-
-
-@strawberry.type(description="Aggregates over the users matching a filter.")
-class Stats:
-    count: int
-    average_age: float | None = strawberry.field(description="Mean age; null when nothing matches.")
-    youngest_age: int | None
-    oldest_age: int | None
-    with_image: int
-    without_image: int
 
 
 @strawberry.enum
@@ -146,13 +170,14 @@ class Conflict:
 
 @strawberry.type(description="The report of one aggregation run.")
 class ProcessingRun:
-    id: int
+    run_id: int = strawberry.field(description="The run's number (run_id over REST).")
+    id: int = strawberry.field(deprecation_reason="Use runId, the name the other types and REST (run_id) use.")
     trigger: str
     outcome: RunOutcome
     error: str | None
     started_at: datetime
     finished_at: datetime
-    duration_seconds: float
+    duration_seconds: float = strawberry.field(description="Rounded to the millisecond, as over REST.")
     listed: int
     fetched: int
     added: int
@@ -176,9 +201,9 @@ class ProcessingRun:
     @classmethod
     def from_report(cls, report: RunReport) -> ProcessingRun:
         return cls(
-            id=report.run_id, trigger=report.trigger, outcome=RunOutcome(report.outcome.value),
+            run_id=report.run_id, id=report.run_id, trigger=report.trigger, outcome=RunOutcome(report.outcome.value),
             error=report.error, started_at=report.started_at, finished_at=report.finished_at,
-            duration_seconds=report.duration_seconds, listed=report.listed, fetched=report.fetched,
+            duration_seconds=round(report.duration_seconds, 3), listed=report.listed, fetched=report.fetched,
             added=report.added, updated=report.updated, removed=report.removed, unchanged=report.unchanged,
             ignored=report.ignored, users=report.users, images=report.images,
             output_version=report.output_version, output_written=report.output_written,
@@ -217,11 +242,7 @@ class Query:
 
     @strawberry.field(description="Count and age statistics of the users matching the filter.")
     def stats(self, info: Info, filter: UserFilter | None = None) -> Stats:
-        result = query.stats(info.context.state.current(), _filter(filter), query.today_utc())
-        return Stats(
-            count=result.count, average_age=result.average_age, youngest_age=result.min_age,
-            oldest_age=result.max_age, with_image=result.with_image, without_image=result.without_image,
-        )  # fmt: skip
+        return query.stats(info.context.state.current(), _filter(filter), query.today_utc())
 
     @strawberry.field(
         description=f"Files rejected as of the latest run, ordered by key: limit (default {REJECTED_PAGE}, at "
@@ -302,6 +323,14 @@ class Subscription:
                 yield SnapshotEvent(version=event.version, users=event.users)
 
 
+def _may_read_rows(document: str, variables: dict[str, Any] | None) -> bool:
+    """Whether the document may select `users`, or `stats` with a filter that reads rows: one named in the
+    document or, as far as one knows before parsing, in the variables."""
+    if "users" in document:
+        return True
+    return "stats" in document and (bool(variables) or any(name in document for name in _ROW_READING_FILTERS))
+
+
 def _origin(request: web.Request) -> str:
     return str(request.url.origin())
 
@@ -323,17 +352,22 @@ class ServiceSchema(strawberry.Schema):
         allowed_operation_types: Iterable[OperationType] | None = None,
         operation_extensions: dict[str, Any] | None = None,
     ) -> ExecutionResult:
-        """Queries that may select `users` run in a worker thread. graphql-core completes every field of
-        every row in Python, ~0.3 s for a full page: on the event loop, every other request (`/healthz`
-        too) would wait. The rest stays on the loop, which answers small queries sooner than a thread:
-        a document without the word `users` cannot select that field, and one that may hold a mutation
-        (whose resolver is async) or a subscription needs the loop. The words may also be names, strings
-        or comments: such a document merely runs where it did before."""
+        """Queries that may read every row run in a worker thread. graphql-core completes every field of
+        every row of `users` in Python, ~0.3 s for a full page, and `stats` with a filter its age histogram
+        cannot answer searches all users: on the event loop, every other request (`/healthz` too) would
+        wait. The rest stays on the loop, which answers small queries sooner than a thread, and so does a
+        document that may hold a mutation (whose resolver is async) or a subscription. The words looked for
+        may also be names, strings or comments: such a document merely runs where it did before."""
         arguments = (
             query, variable_values, context_value, root_value, operation_name, allowed_operation_types,
             operation_extensions,
         )  # fmt: skip
-        if query is None or "users" not in query or "mutation" in query or "subscription" in query:
+        if (
+            query is None
+            or not _may_read_rows(query, variable_values)
+            or "mutation" in query
+            or "subscription" in query
+        ):
             return await super().execute(*arguments)
         return await asyncio.to_thread(self.execute_sync, *arguments)
 

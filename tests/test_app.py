@@ -433,7 +433,10 @@ async def test_rest_data_comes_in_pages_with_the_total_and_the_next_page(client:
 
     too_many = await client.get("/data?limit=6")
     assert too_many.status == 400
-    assert "limit must be between 0 and 5, got 6; paginate with offset" in (await too_many.json())["error"]
+    assert (
+        "limit must be at most 5 (MAX_PAGE_SIZE), got 6; fetch the following pages with offset"
+        in (await too_many.json())["error"]
+    )
 
 
 async def test_rest_data_encoded_in_slices_is_the_json_of_the_whole_page(
@@ -667,7 +670,7 @@ async def test_rejected_files_pages_through_every_rejected_file(
     default = (await gql(client, "{ rejectedFiles { files { key } } }"))["data"]["rejectedFiles"]
     assert [f["key"] for f in default["files"]] == many_rejected.keys[:100]
     too_many = await gql(client, "{ rejectedFiles(limit: 1001) { totalCount } }")
-    assert "limit must be between 0 and 1000" in too_many["errors"][0]["message"]
+    assert "limit must be at most 1000 (MAX_PAGE_SIZE)" in too_many["errors"][0]["message"]
 
 
 class FailsOnce(LocalStore):

@@ -33,7 +33,7 @@ from service.schema import build_schema
 REPO = Path(__file__).resolve().parent.parent
 NEVER = "0 0 1 1 *"
 LEAK_MARKERS = ("Traceback", 'File "', str(REPO / "service"))
-FILTER_PARAMS = ("is_image_exists", "min_age", "max_age")
+FILTER_PARAMS = ("is_image_exists", "min_age", "max_age", "name_contains")
 # Each GraphQL operation gets this many positive and as many negative examples: 6 operations, ~20 s.
 EXAMPLES = 30
 
@@ -155,9 +155,12 @@ def expected_error(pairs: list[tuple[str, str]]) -> bool:
         value = seen.get(name)
         if value is None:
             continue
-        if not (value.isascii() and value.isdigit() and len(value) <= 4) or int(value) > 1000:
+        if not (value.isascii() and value.isdigit()) or int(value) > 1000:
             return True
         ages[name] = int(value)
+    name = seen.get("name_contains")
+    if name is not None and not 1 <= len(name) <= 100:
+        return True
     return len(ages) == 2 and ages["min_age"] > ages["max_age"]
 
 

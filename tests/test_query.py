@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import itertools
 import statistics
+import typing
+import weakref
 from datetime import UTC, date, datetime
 
+import numpy as np
 import pandas as pd
 import pytest
 from hypothesis import given
@@ -86,7 +91,7 @@ def test_every_filter_combination(has_image: bool | None, min_age: int | None, m
     flt = query.UserFilter(has_image, min_age, max_age)
     if min_age is not None and max_age is not None and min_age > max_age:
         with pytest.raises(BadRequest, match="minAge"):
-            flt.validate()
+            flt.validate(query.Api.GRAPHQL)
         return
     expected = [
         (uid, reference_age(b, TODAY), img)
@@ -95,28 +100,148 @@ def test_every_filter_combination(has_image: bool | None, min_age: int | None, m
         and (min_age is None or reference_age(b, TODAY) >= min_age)
         and (max_age is None or reference_age(b, TODAY) <= max_age)
     ]
-    rows = query.users(snapshot, query.select(snapshot, flt.validate(), TODAY), TODAY)
+    rows = query.users(snapshot, query.select(snapshot, flt.validate(query.Api.GRAPHQL), TODAY), TODAY)
     assert [(r.user_id, r.age, r.img_path) for r in rows] == expected
     result = query.stats(snapshot, flt, TODAY)
     assert result.count == len(expected)
     ages = [age for _, age, _ in expected]
     assert result.average_age == (pytest.approx(statistics.mean(ages)) if ages else None)
-    assert (result.min_age, result.max_age) == ((min(ages), max(ages)) if ages else (None, None))
+    assert (result.youngest_age, result.oldest_age) == ((min(ages), max(ages)) if ages else (None, None))
     assert result.with_image == sum(1 for *_, img in expected if img)
     assert result.with_image + result.without_image == result.count
 
 
 @pytest.mark.parametrize(
-    ("flt", "message"),
+    ("flt", "graphql", "rest"),
     [
-        (query.UserFilter(min_age=-1), "minAge must be between 0"),
-        (query.UserFilter(max_age=-3), "maxAge must be between 0"),
-        (query.UserFilter(min_age=5, max_age=4), r"minAge \(5\) is greater than maxAge \(4\)"),
+        (query.UserFilter(min_age=-1), "minAge must be between 0 and 1000, got -1", "min_age must be between 0"),
+        (query.UserFilter(max_age=1001), "maxAge must be between 0 and 1000, got 1001", "max_age must be between 0"),
+        (query.UserFilter(min_age=5, max_age=4), r"minAge \(5\) is greater than maxAge \(4\)", r"min_age \(5\) is"),
+        (query.UserFilter(min_age=5, max_age=-4), "maxAge must be between", "max_age must be between"),  # bounds first
+        (query.UserFilter(name_contains=""), "nameContains must have 1 to 100 characters, got 0", "name_contains"),
+        (query.UserFilter(name_contains="x" * 101), "nameContains must have 1 to 100 characters", "name_contains"),
     ],
 )
-def test_invalid_filters(flt: query.UserFilter, message: str) -> None:
-    with pytest.raises(BadRequest, match=message):
-        flt.validate()
+def test_invalid_filters_are_refused_in_the_callers_names(flt: query.UserFilter, graphql: str, rest: str) -> None:
+    with pytest.raises(BadRequest, match=graphql):
+        flt.validate(query.Api.GRAPHQL)
+    with pytest.raises(BadRequest, match=rest):
+        flt.validate(query.Api.REST)
+
+
+def test_every_filter_is_a_user_filter_attribute_and_every_statistic_a_stats_one() -> None:
+    # The adapters read and write these attributes by the names the definitions give.
+    assert [f.name for f in query.FILTERS] == [f.name for f in dataclasses.fields(query.UserFilter)]
+    assert [f.name for f in query.STATS_FIELDS] == [f.name for f in dataclasses.fields(query.Stats)]
+    for field in query.FILTERS:
+        assert typing.get_type_hints(query.UserFilter)[field.name] == field.type | None
+        assert field.at_most is None or field.at_most in {f.name for f in query.FILTERS}
+
+
+NAMED = [  # user_id, first name, last name
+    ("1", "Anna", "Smith"),
+    ("2", "JOHANN", "Strauß"),
+    ("3", "Zoë", "O'Brien"),
+    ("4", "li", "Na"),
+    ("5", "Ösel", "Ångström"),
+]
+
+
+@pytest.mark.parametrize(
+    ("needle", "ids"),
+    [
+        ("ann", ["1", "2"]),  # a part of a first name, in any case
+        ("SMITH", ["1"]),
+        ("strauss", ["2"]),  # Unicode case folding: ß is ss
+        ("STRAUß", ["2"]),
+        ("zoË", ["3"]),
+        ("o'b", ["3"]),
+        ("na", ["1", "4"]),  # first or last name
+        ("ångs", ["5"]),
+        ("a s", []),  # never across first and last name
+        ("%", []),  # a plain substring, not a pattern
+        (".*", []),
+    ],
+)
+def test_name_contains_is_a_case_insensitive_substring_of_either_name(needle: str, ids: list[str]) -> None:
+    snapshot = named_snapshot(NAMED)
+    flt = query.UserFilter(name_contains=needle).validate(query.Api.GRAPHQL)
+    assert [r.user_id for r in query.users(snapshot, query.select(snapshot, flt, TODAY), TODAY)] == ids
+    assert query.stats(snapshot, flt, TODAY).count == len(ids)
+
+
+def named_snapshot(rows: list[tuple[str, str, str]], births: list[int] | None = None) -> Snapshot:
+    table = pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "first_name": [r[1] for r in rows],
+            "last_name": [r[2] for r in rows],
+            "birthts": pd.array(births or [ms(1990, 1, 1)] * len(rows), dtype="int64"),
+            "img_path": [f"img/{r[0]}.png" if i % 2 else "" for i, r in enumerate(rows)],
+        }
+    )
+    return Snapshot(table, version=1, committed_at=datetime.now(UTC))
+
+
+names = st.text(alphabet="aAbBßSsİiıÅå '", min_size=1, max_size=6)
+
+
+@given(
+    people=st.lists(
+        st.tuples(names, names, st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27))), max_size=30
+    ),
+    needle=names,
+    min_age=st.none() | st.integers(min_value=0, max_value=130),
+    has_image=st.none() | st.booleans(),
+)
+def test_stats_with_a_name_filter_equal_a_brute_force_count(
+    people: list[tuple[str, str, int]], needle: str, min_age: int | None, has_image: bool | None
+) -> None:
+    # A filter the age histogram cannot answer counts the selected rows: the same numbers, by another way.
+    snapshot = named_snapshot([(f"u{i:03}", f, ln) for i, (f, ln, _) in enumerate(people)], [b for *_, b in people])
+    flt = query.UserFilter(has_image=has_image, min_age=min_age, name_contains=needle)
+    chosen = [
+        (reference_age(b, TODAY), i % 2 == 1)
+        for i, (first, last, b) in enumerate(people)
+        if (needle.casefold() in first.casefold() or needle.casefold() in last.casefold())
+        and (has_image is None or (i % 2 == 1) == has_image)
+        and (min_age is None or reference_age(b, TODAY) >= min_age)
+    ]
+    ages = [age for age, _ in chosen]
+    with_image = sum(image for _, image in chosen)
+    expected = query.Stats(
+        len(chosen),
+        statistics.mean(ages) if ages else None,
+        min(ages) if ages else None,
+        max(ages) if ages else None,
+        with_image,
+        len(chosen) - with_image,
+    )
+    result = query.stats(snapshot, flt, TODAY)
+    assert result == dataclasses.replace(expected, average_age=pytest.approx(expected.average_age))
+    assert len(query.select(snapshot, flt, TODAY)) == len(chosen)
+
+
+def test_folded_names_are_kept_per_snapshot_and_go_with_it() -> None:
+    snapshot = named_snapshot(NAMED)
+    query.select(snapshot, query.UserFilter(name_contains="a"), TODAY)
+    first = query._folded_names(snapshot)
+    query.select(snapshot, query.UserFilter(name_contains="b"), TODAY)
+    assert query._folded_names(snapshot) is first  # folded once
+    gone = weakref.ref(snapshot)
+    del snapshot, first
+    gc.collect()
+    assert gone() is None  # the cache does not keep a snapshot alive
+
+
+def test_a_negative_limit_is_not_told_to_page() -> None:
+    positions = np.arange(10)
+    with pytest.raises(BadRequest, match=r"^limit must not be negative, got -1$"):
+        query.page(positions, -1, 0, 5)
+    with pytest.raises(BadRequest, match=r"^limit must be at most 5 \(MAX_PAGE_SIZE\), got 6; .* with offset$"):
+        query.page(positions, 6, 0, 5)
+    with pytest.raises(BadRequest, match=r"^offset must not be negative, got -2$"):
+        query.page(positions, 1, -2, 5)
 
 
 def test_user_lookup_and_empty_snapshot() -> None:
@@ -153,7 +278,7 @@ def test_stats_equal_a_brute_force_count(
     ages = [age for age, _ in chosen]
     assert result.count == len(chosen)
     assert result.average_age == (pytest.approx(statistics.mean(ages)) if ages else None)
-    assert (result.min_age, result.max_age) == ((min(ages), max(ages)) if ages else (None, None))
+    assert (result.youngest_age, result.oldest_age) == ((min(ages), max(ages)) if ages else (None, None))
     assert result.with_image == sum(img for _, img in chosen)
 
 
