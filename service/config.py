@@ -59,17 +59,23 @@ def _path(name: str, raw: str) -> Path:
     return Path(raw)
 
 
-def _integer(low: int, high: int) -> Parse[int]:
-    def parse(name: str, raw: str) -> int:
+def _number(kind: Callable[[str], T], what: str, low: float, high: float, unit: str = "") -> Parse[T]:
+    """A parser of numbers of `kind` (int or float) from `low` to `high`."""
+
+    def parse(name: str, raw: str) -> T:
         try:
-            value = int(raw)
+            value = kind(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low} and {high}, got {value}")
+            raise ConfigError(f"{name} must be {what}, got {raw!r}") from None
+        if not low <= value <= high:  # type: ignore[operator]
+            raise ConfigError(f"{name} must be between {low:g} and {high:g}{unit}, got {raw}")
         return value
 
     return parse
+
+
+def _integer(low: int, high: int) -> Parse[int]:
+    return _number(int, "an integer", low, high)
 
 
 def _seconds(low: int, high: int) -> Parse[float]:
@@ -78,16 +84,7 @@ def _seconds(low: int, high: int) -> Parse[float]:
 
 
 def _fraction(low: float, high: float) -> Parse[float]:
-    def parse(name: str, raw: str) -> float:
-        try:
-            value = float(raw)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number of seconds, got {raw!r}") from None
-        if not low <= value <= high:
-            raise ConfigError(f"{name} must be between {low:g} and {high:g} seconds, got {raw}")
-        return value
-
-    return parse
+    return _number(float, "a number of seconds", low, high, " seconds")
 
 
 def _boolean(name: str, raw: str) -> bool:
