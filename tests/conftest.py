@@ -10,10 +10,15 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp.test_utils import TestClient
 from s3server import BucketPool, SeaweedServer
+from support import NEVER, ClientFactory, seed, wait_ready
 
+from service.app import create_app
+from service.config import Settings
 from service.local_store import LocalStore
 from service.minio_store import MinioStore
 from service.storage import ObjectStore
@@ -138,3 +143,25 @@ def _write_files(root: Path, keys: Iterable[str], data: bytes) -> None:
         path = root / key
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
+
+
+# -- the app over HTTP, on the embedded store seeded with `support.PEOPLE` ---------------------------
+
+
+@pytest.fixture
+async def local(tmp_path: Path) -> LocalStore:
+    store = LocalStore(tmp_path, "datalake")
+    await seed(store)
+    return store
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings(schedule=NEVER, max_page_size=5)
+
+
+@pytest.fixture
+async def client(aiohttp_client: ClientFactory, local: LocalStore, settings: Settings) -> TestClient[Any, Any]:
+    client = await aiohttp_client(create_app(settings, store=local))
+    await wait_ready(client)
+    return client

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import pytest
 from recording import Recording
+from support import user_csv
 
 from service.aggregator import Aggregator
 from service.errors import StorageError
@@ -17,10 +18,6 @@ from service.storage import ObjectStore
 
 OUTPUT = "processed_data/output.csv"
 HEADER = "user_id,first_name,last_name,birthts,img_path"
-
-
-def user_csv(first: str, last: str, birthts: int | str, header: str = "first_name, last_name, birthts") -> bytes:
-    return f"{header}\n{first}, {last}, {birthts}\n".encode()
 
 
 def aggregator(store: ObjectStore, output_key: str = OUTPUT) -> Aggregator:

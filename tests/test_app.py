@@ -10,8 +10,7 @@ import logging
 import statistics
 import threading
 import tracemalloc
-from collections.abc import Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from recording import Recording
-from yarl import URL
+from support import NEVER, PEOPLE, ClientFactory, age_on, all_pages, csv_of, gql, ms, seed, wait_ready
 
 from service import query as queries
 from service import rest
@@ -33,100 +32,6 @@ from service.storage import ObjectStore
 
 if TYPE_CHECKING:
     from conftest import ManyRejected
-
-NEVER = "0 0 1 1 *"  # the schedule stays out of the way; tests trigger runs themselves
-TODAY = datetime.now(UTC).date()
-ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-def ms(day: date) -> int:
-    return int(datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp() * 1000)
-
-
-def years_ago(years: int, days: int = 0) -> date:
-    try:
-        anniversary = TODAY.replace(year=TODAY.year - years)
-    except ValueError:  # 29 February today, in a year without one
-        anniversary = date(TODAY.year - years, 3, 1)
-    return anniversary + timedelta(days=days)
-
-
-def age_on(born: date, today: date = TODAY) -> int:
-    return today.year - born.year - ((today.month, today.day) < (born.month, born.day))
-
-
-# user_id -> (birth date, image extension or None)
-PEOPLE: dict[str, tuple[date, str | None]] = {
-    "1000": (years_ago(30), "png"),  # 30th birthday today
-    "1001": (years_ago(30, days=1), None),  # 30 tomorrow: still 29
-    "1002": (years_ago(30, days=-1), "jpg"),  # 30 since yesterday
-    "1003": (date(2004, 2, 29), None),  # a leapling
-    "1004": (date(1950, 6, 1), "png"),
-    "1005": (date(1969, 12, 31), None),
-    "0042": (years_ago(18), "JPEG"),
-}
-
-
-def csv_of(user_id: str, born: date) -> bytes:
-    return f"first_name, last_name, birthts\nName{user_id}, Last{user_id}, {ms(born)}\n".encode()
-
-
-async def seed(store: ObjectStore, people: dict[str, tuple[date, str | None]] = PEOPLE) -> None:
-    await store.ensure_bucket()
-    for user_id, (born, image) in people.items():
-        await store.put(f"src-data/{user_id}.csv", csv_of(user_id, born))
-        if image:
-            await store.put(f"src-data/img/{user_id}.{image}", f"image of {user_id}".encode())
-    await store.put("src-data/broken.csv", b"first_name\nonly\n")
-
-
-async def wait_ready(client: TestClient[Any, Any]) -> None:
-    for _ in range(200):
-        response = await client.get("/readyz")
-        if response.status == 200:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("the app never became ready")
-
-
-@pytest.fixture
-async def local(tmp_path: Path) -> LocalStore:
-    store = LocalStore(tmp_path, "datalake")
-    await seed(store)
-    return store
-
-
-@pytest.fixture
-def settings() -> Settings:
-    return Settings(schedule=NEVER, max_page_size=5)
-
-
-@pytest.fixture
-async def client(aiohttp_client: ClientFactory, local: LocalStore, settings: Settings) -> TestClient[Any, Any]:
-    client = await aiohttp_client(create_app(settings, store=local))
-    await wait_ready(client)
-    return client
-
-
-async def gql(client: TestClient[Any, Any], query: str, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    response = await client.post("/graphql", json={"query": query}, headers=headers)
-    assert response.status == 200, await response.text()
-    body: dict[str, Any] = await response.json()
-    return body
-
-
-async def all_pages(client: TestClient[Any, Any], params: dict[str, str]) -> list[dict[str, Any]]:
-    """Every row of `GET /data`, following its `Link: <...>; rel="next"` headers page by page."""
-    rows: list[dict[str, Any]] = []
-    response = await client.get("/data", params=params)
-    while True:
-        assert response.status == 200, await response.text()
-        rows += await response.json()
-        assert int(response.headers["X-Total-Count"]) >= len(rows)
-        if "Link" not in response.headers:
-            assert int(response.headers["X-Total-Count"]) == len(rows)
-            return rows
-        response = await client.get(URL(response.links["next"]["url"]).relative())
 
 
 def expected(has_image: bool | None, min_age: int | None, max_age: int | None) -> list[str]:

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -31,6 +31,7 @@ from aiohttp.test_utils import TestClient
 from miniopy_async.error import S3Error
 from recording import Recording
 from s3server import BucketPool, SeaweedServer, free_ports
+from support import NEVER, ClientFactory, user_csv, wait_ready
 
 import service
 from service import state as service_state
@@ -45,7 +46,6 @@ from service.parsing import MAX_CSV_BYTES
 from service.report import RunReport
 from service.storage import ObjectInfo, ObjectStore
 
-NEVER = "0 0 1 1 *"  # the schedule stays out of the way
 SRC = "src-data/"
 OUTPUT = "processed_data/output.csv"
 OUTPUT_HEADER = ["user_id", "first_name", "last_name", "birthts", "img_path"]
@@ -53,13 +53,8 @@ NOW = datetime.now(UTC)
 FUTURE_MS = int((NOW + timedelta(days=10)).timestamp() * 1000)
 BEFORE_1800_MS = int(datetime(1799, 12, 31, tzinfo=UTC).timestamp() * 1000)
 BIG_BYTES = 50 * 1024 * 1024
-ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 # What a response or a log must never show: a stack trace or where the code lives.
 LEAK_MARKERS = ("Traceback (most recent call last)", 'File "', str(Path(service.__file__).parent), sys.prefix)
-
-
-def user_csv(first: str, last: str, birthts: int | str) -> bytes:
-    return f"first_name,last_name,birthts\n{first},{last},{birthts}\n".encode()
 
 
 def aggregator(store: ObjectStore, output_key: str = OUTPUT, concurrency: int = 8) -> Aggregator:
@@ -426,14 +421,6 @@ def _ms(year: int) -> int:
     return int(datetime(year, 6, 15, tzinfo=UTC).timestamp() * 1000)
 
 
-async def wait_ready(client: TestClient[Any, Any]) -> None:
-    for _ in range(400):
-        if (await client.get("/readyz")).status == 200:
-            return
-        await asyncio.sleep(0.025)
-    raise AssertionError("the app never became ready")
-
-
 @pytest.fixture
 async def local(tmp_path: Path) -> LocalStore:
     store = LocalStore(tmp_path / "data", "datalake")
@@ -442,10 +429,9 @@ async def local(tmp_path: Path) -> LocalStore:
 
 
 @pytest.fixture
-async def client(aiohttp_client: ClientFactory, local: LocalStore) -> TestClient[Any, Any]:
-    client = await aiohttp_client(create_app(Settings(schedule=NEVER, api_token=TOKEN), store=local))
-    await wait_ready(client)
-    return client
+def settings() -> Settings:
+    """For conftest's `client`: runs need the token here."""
+    return Settings(schedule=NEVER, api_token=TOKEN)
 
 
 def assert_no_leak(text: str, *secrets: str) -> None:

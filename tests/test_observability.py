@@ -15,7 +15,7 @@ import strawberry
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from s3server import free_ports
-from test_app import NEVER, ClientFactory, client, gql, local, settings, wait_ready
+from support import NEVER, ClientFactory, gql, wait_ready
 
 from service.app import create_app
 from service.config import Settings
@@ -26,7 +26,6 @@ from service.metrics import Metrics
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 PROTOCOL = "graphql-transport-ws"
-__all__ = ["client", "local", "settings"]  # fixtures shared with test_app
 
 
 def metric(text: str, name: str) -> float:

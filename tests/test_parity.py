@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from multidict import MultiDict
-from test_app import NEVER, ClientFactory, all_pages, gql, wait_ready
+from support import NEVER, ClientFactory, all_pages, gql, wait_ready
 
 from service import query, rest
 from service.app import create_app

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from test_app import NEVER, ClientFactory, seed, wait_ready
+from support import NEVER, ClientFactory, seed, wait_ready
 
 from service.app import create_app
 from service.cli import _parser
