@@ -122,8 +122,8 @@ class _Results:
         self.last_names.append(last)
         self.birthts.append(birthts)
 
-    def take_frame(self) -> pd.DataFrame:
-        """The results as a frame; the lists are emptied (at a million rows they are tens of MiB)."""
+    def to_frame(self) -> pd.DataFrame:
+        """The results as a frame (the caller drops the lists: at a million rows they are tens of MiB)."""
         valid = np.array([not reason for reason in self.reasons], dtype=bool)
         columns = {
             "key": pd.Series(self.keys, dtype=mf.DTYPES["key"]),
@@ -134,11 +134,7 @@ class _Results:
             "last_name": pd.Series(self.last_names, dtype=mf.DTYPES["last_name"]),
             "birthts": np.frombuffer(self.birthts, dtype=np.int64).copy() if self.birthts else np.zeros(0, np.int64),
         }
-        frame = pd.DataFrame(columns, copy=False)
-        for values in (self.keys, self.reasons, self.first_names, self.last_names):
-            values.clear()
-        del self.birthts[:]
-        return frame
+        return pd.DataFrame(columns, copy=False)
 
 
 class Aggregator:
@@ -170,28 +166,27 @@ class Aggregator:
             concurrency=settings.fetch_concurrency,
         )  # fmt: skip
 
-    async def run(
-        self,
-        run_id: int = 0,
-        trigger: str = "manual",
-        progress: ProgressCallback | None = None,
-        fence: Fence | None = None,
-    ) -> RunResult:
+    async def run(self, progress: ProgressCallback | None = None, fence: Fence | None = None) -> RunResult:
         """One run; raises `StorageError` when the store fails (the previous commit stays intact),
-        `Superseded` when another run committed meanwhile, or what `fence` raises before a write."""
+        `Superseded` when another run committed meanwhile, or what `fence` raises before a write.
+
+        The report's identity (run id, trigger, replica) is the runner's to give: it is left unset here.
+        """
         started = self._clock()
         now_ms = _ms(started)
         state = await self._load_state(now_ms)
         listing, ignored, results = await self._scan(state.manifest, now_ms, progress)
-        listed, fetched = len(listing) + ignored, len(results)  # before _compute takes the results
-        ignored -= len(results.misnamed)  # reported as rejected, with their reason
-        computed = await asyncio.to_thread(_compute, listing, state, results)
-        del listing, results  # at a million users these are hundreds of MiB: not needed for the commit
+        listed, fetched, misnamed = len(listing) + ignored, len(results), results.misnamed
+        ignored -= len(misnamed)  # reported as rejected, with their reason
+        fresh = await asyncio.to_thread(results.to_frame)
+        del results  # the lists behind the frame: tens of MiB at a million users
+        computed = await asyncio.to_thread(_compute, listing, state, fresh, misnamed)
+        del listing, fresh  # at a million users these are hundreds of MiB: not needed for the commit
         version, written = await self._commit(state, computed, fence)
         changes, output = computed.changes, computed.output
         report = RunReport(
-            run_id=run_id,
-            trigger=trigger,
+            run_id=0,
+            trigger="",
             started_at=started,
             finished_at=self._clock(),
             outcome=Outcome.SUCCEEDED,
@@ -429,16 +424,15 @@ class _Computed:
         return out.to_csv_bytes(self.output)
 
 
-def _compute(listing: pd.DataFrame, state: _State, results: _Results) -> _Computed:
+def _compute(listing: pd.DataFrame, state: _State, fresh: pd.DataFrame, misnamed: dict[str, str]) -> _Computed:
     """The pure, CPU-bound part of a run (called in a worker thread)."""
     release_free_heap()  # what the listing and the fetches left behind
-    fresh = results.take_frame()
     manifest = mf.merge(listing, state.manifest, fresh, state.seed)
     manifest_changed = not manifest.equals(state.manifest)
     # The output is a function of the manifest: an unchanged one needs no new derivation.
     output = out.derive(manifest) if manifest_changed or state.full_rebuild else state.previous_output
     is_image = (manifest["kind"] == Kind.IMAGE.value).to_numpy()
-    rejected = _rejected_files(manifest, results.misnamed)
+    rejected = _rejected_files(manifest, misnamed)
     computed = _Computed(
         manifest=manifest,
         output=output,

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import TextIO
 
 from aiohttp import web
@@ -100,8 +101,8 @@ async def _run_once(settings: Settings, progress: _ProgressLine) -> RunReport:
     store = open_store(settings)
     try:
         await store.ensure_bucket()
-        result = await Aggregator.from_settings(store, settings).run(trigger="cli", progress=progress)
-        return result.report
+        result = await Aggregator.from_settings(store, settings).run(progress)
+        return replace(result.report, run_id=1, trigger="cli")
     finally:
         progress.close()
         await store.close()

@@ -108,11 +108,11 @@ class Runner:
             logger.exception("run %d (%s) failed unexpectedly", run_id, trigger)
             report = self._failed(run_id, trigger, started, "internal error (see the service log)")
         else:
-            report = result.report
-            self._on_commit(result)
+            report = replace(result.report, run_id=run_id, trigger=trigger, replica=self.replica)
+            self._on_commit(replace(result, report=report))
             _log_report(report)
             await self._log_rejections(run_id, result.rejected)
-        report = replace(report, replica=self.replica)
+        report = replace(report, replica=self.replica)  # the failed and superseded ones too
         self.history.append(report)
         if self._shared is not None and (merged := await self._shared.record(report)) is not None:
             self.adopt(merged)
@@ -125,11 +125,11 @@ class Runner:
         the caller still gets a run that started after its call)."""
         progress = self._progress_for(run_id)
         if self._lease is None:
-            return await self._aggregator.run(run_id, trigger, progress)
+            return await self._aggregator.run(progress)
         while True:
             try:
                 async with self._lease.hold(run_id) as holding:
-                    return await self._aggregator.run(run_id, trigger, progress, fence=holding.check)
+                    return await self._aggregator.run(progress, fence=holding.check)
             except LeaseBusy as busy:
                 logger.info("run %d (%s) waits: %s", run_id, trigger, busy)
                 await asyncio.sleep(self._lease_poll)

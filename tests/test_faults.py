@@ -111,7 +111,7 @@ def output_ids(data: bytes) -> list[str]:
 async def rebuild(store: ObjectStore, key: str) -> bytes:
     """A from-scratch rebuild by a fresh aggregator into another output key."""
     aggregator = Aggregator(store, src_prefix=SRC, output_key=key, concurrency=64)
-    result = await aggregator.run(trigger="rebuild")
+    result = await aggregator.run()
     assert result.report.full_rebuild
     return await store.get(key)
 
