@@ -19,7 +19,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
 
-from . import graphiql, rest
+from . import dashboard, graphiql, rest
 from .aggregator import Aggregator, Progress, RunResult
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
@@ -109,6 +109,7 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     )
     app.router.add_route("*", "/graphql", view)
     graphiql.add_routes(app, directory=settings.graphiql_assets_dir)
+    app.router.add_get("/", dashboard.index)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", metrics.handler)

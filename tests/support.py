@@ -58,6 +58,12 @@ async def seed(store: ObjectStore, people: dict[str, tuple[date, str | None]] = 
     await store.put("src-data/broken.csv", b"first_name\nonly\n")
 
 
+def as_sent(client: TestClient[Any, Any], path: str) -> URL:
+    """`path` on the client's server exactly as written. The client would resolve `.` and `..` segments itself
+    (`/images/..` to `/`, the status page), and the request would never reach the route under test."""
+    return URL(str(client.make_url("/")).rstrip("/") + path, encoded=True)
+
+
 async def wait_ready(client: TestClient[Any, Any]) -> None:
     for _ in range(200):
         response = await client.get("/readyz")

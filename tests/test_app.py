@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from recording import Recording
-from support import NEVER, PEOPLE, ClientFactory, age_on, all_pages, csv_of, gql, ms, seed, wait_ready
+from support import NEVER, PEOPLE, ClientFactory, age_on, all_pages, as_sent, csv_of, gql, ms, seed, wait_ready
 
 from service import query as queries
 from service import rest
@@ -133,7 +133,7 @@ async def test_images_are_served_and_nothing_else(client: TestClient[Any, Any]) 
         "/images/../processed_data/output.csv",
         "/images/%2e%2e",
     ):
-        assert (await client.get(path)).status == 404
+        assert (await client.session.get(as_sent(client, path))).status == 404, path
 
 
 def pattern(size: int) -> bytes:
