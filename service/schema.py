@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, NewType, get_type_hints
+from typing import TYPE_CHECKING, Any, NewType, cast, get_type_hints
 from urllib.parse import quote
 
 import numpy as np
@@ -90,6 +90,21 @@ def _stats_type() -> type:
     return strawberry.type(_class("Stats", object, fields), description="Aggregates over the users matching a filter.")
 
 
+def _stats_group_type() -> type:
+    """`StatsGroup`: a field per number of `query.GROUP_FIELDS`, made as `_stats_type` makes `Stats`."""
+    hints = get_type_hints(query.StatsGroup)
+    fields = {f.name: (hints[f.name], strawberry.field(name=f.graphql, description=f.doc)) for f in query.GROUP_FIELDS}
+    description = "The statistics of one group of the users matching a filter."
+    return strawberry.type(_class("StatsGroup", object, fields), description=description)
+
+
+def _group_by_enum() -> type[enum.Enum]:
+    """`StatsGroupBy`: a value per grouping of `query.GROUPINGS`; a resolver receives the grouping's name."""
+    values = {g.graphql: strawberry.enum_value(g.name, description=g.doc) for g in query.GROUPINGS}
+    made = cast("type[enum.Enum]", enum.Enum("StatsGroupBy", values))  # mypy takes the functional API for a member
+    return strawberry.enum(made, description="How statsBy groups the users.")
+
+
 def _class(name: str, base: type, fields: Mapping[str, tuple[object, object]]) -> type:
     """A class with these annotated attributes, as a `class` statement makes it, for Strawberry to decorate."""
     namespace: dict[str, object] = {"__module__": __name__, "__qualname__": name}
@@ -101,9 +116,14 @@ def _class(name: str, base: type, fields: Mapping[str, tuple[object, object]]) -
 if TYPE_CHECKING:  # mypy cannot see into a class made at run time: resolvers are checked against these
     UserFilter = FilterInput
     Stats = query.Stats
+    StatsGroup = query.StatsGroup
+    StatsGroupBy = enum.Enum
 else:
     UserFilter = _filter_input()
     Stats = _stats_type()
+    StatsGroup = _stats_group_type()
+    StatsGroupBy = _group_by_enum()
+_GROUPINGS = {g.name: g for g in query.GROUPINGS}
 
 
 @strawberry.type(description="One row of output.csv.")
@@ -243,6 +263,14 @@ class Query:
     @strawberry.field(description="Count and age statistics of the users matching the filter.")
     def stats(self, info: Info, filter: UserFilter | None = None) -> Stats:
         return query.stats(info.context.state.current(), _filter(filter), query.today_utc())
+
+    @strawberry.field(
+        description="The statistics of each group of the users matching the filter, ordered by key (numerically "
+        "for numbers); groups without users are left out."
+    )
+    def stats_by(self, info: Info, group_by: StatsGroupBy, filter: UserFilter | None = None) -> list[StatsGroup]:
+        grouping = _GROUPINGS[group_by.value]
+        return query.stats_by(info.context.state.current(), grouping, _filter(filter), query.today_utc())
 
     @strawberry.field(
         description=f"Files rejected as of the latest run, ordered by key: limit (default {REJECTED_PAGE}, at "
