@@ -4,6 +4,7 @@ offer. The adapters build their inputs, outputs and messages from these, so each
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import enum
 import threading
@@ -11,7 +12,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -212,6 +213,94 @@ def page(positions: IntArray, limit: int | None, offset: int, maximum: int) -> P
     rows = positions[offset:end]
     # An empty page has no next one: limit=0 would otherwise point at itself forever.
     return Page(rows, len(positions), end if len(rows) and end < len(positions) else None)
+
+
+_CURSOR_FORMAT = "v1:"  # what a cursor's payload starts with: a later format gets another, and old ones a message
+
+
+def cursor(user_id: str) -> str:
+    """The cursor of a user: base64 of a versioned payload holding its user_id, a place in user_id order that
+    outlives the snapshot (a cursor of a deleted user still marks where it was)."""
+    return base64.urlsafe_b64encode(f"{_CURSOR_FORMAT}{user_id}".encode()).decode("ascii")
+
+
+def _cursor_user_id(name: str, value: str) -> str:
+    """The user_id a cursor holds; `BadRequest` names the argument and what is wrong with its value."""
+    shown = f"{value[:50]!r}{'...' if len(value) > 50 else ''}"
+    try:
+        payload = base64.b64decode(value, altchars=b"-_", validate=True).decode()
+    except ValueError:  # not ASCII, not base64, or not UTF-8 once decoded
+        raise BadRequest(f"{name} must be a cursor from usersConnection, got {shown}: not base64 of one") from None
+    if not payload.startswith(_CURSOR_FORMAT) or payload == _CURSOR_FORMAT:
+        raise BadRequest(f"{name} must be a cursor from usersConnection, got {shown}: not a format this service wrote")
+    return payload.removeprefix(_CURSOR_FORMAT)
+
+
+@dataclass(frozen=True, slots=True)
+class CursorPage:
+    """What a page of cursor paging asks for: `first` users after the user_id `after`, or `last` users before
+    the user_id `before` (each bound optional); exactly one of `first` and `last` is set."""
+
+    first: int | None
+    after: str | None
+    last: int | None
+    before: str | None
+
+
+def cursor_page(first: int | None, after: str | None, last: int | None, before: str | None, maximum: int) -> CursorPage:
+    """The page asked for, checked: `first` and `last` from 0 to `maximum` and not both (the Relay spec
+    discourages the pair, whose meaning few clients expect), neither meaning `first` = `maximum`."""
+    if first is not None and last is not None:
+        raise BadRequest(
+            "first and last cannot be combined: page forward with first and after, or back with last and before"
+        )
+    hints = {"first": "following pages with after: endCursor", "last": "preceding pages with before: startCursor"}
+    for name, size in (("first", first), ("last", last)):
+        if size is not None and size < 0:
+            raise BadRequest(f"{name} must not be negative, got {size}")
+        if size is not None and size > maximum:
+            raise BadRequest(f"{name} must be at most {maximum} (MAX_PAGE_SIZE), got {size}; fetch the {hints[name]}")
+    return CursorPage(
+        first=maximum if first is None and last is None else first,
+        after=None if after is None else _cursor_user_id("after", after),
+        last=last,
+        before=None if before is None else _cursor_user_id("before", before),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """A page of cursor paging: its rows' positions, how many rows the whole selection has, and whether rows
+    come before or after it, as the Relay spec defines `hasPreviousPage` and `hasNextPage`."""
+
+    positions: IntArray
+    total: int
+    has_previous: bool
+    has_next: bool
+
+
+def window(snapshot: Snapshot, positions: IntArray, asked: CursorPage) -> Window:
+    """The rows of `positions` (a selection, in user_id order) that `asked` names. The cursors are found by user_id,
+    so a user added or removed before a cursor does not move the rows after it. The spec leaves it to the
+    server whether rows before `after` (paging forward) or after `before` (back) count: they do."""
+    low, high = 0, len(positions)
+    if asked.after is not None:
+        low = _place(snapshot, positions, asked.after, "right")
+    if asked.before is not None:
+        high = max(low, _place(snapshot, positions, asked.before, "left"))
+    if asked.last is not None:
+        start = max(low, high - asked.last)
+        return Window(positions[start:high], len(positions), has_previous=start > low, has_next=high < len(positions))
+    assert asked.first is not None, "cursor_page sets one of first and last"
+    end = min(high, low + asked.first)
+    return Window(positions[low:end], len(positions), has_previous=low > 0, has_next=end < high)
+
+
+def _place(snapshot: Snapshot, positions: IntArray, user_id: str, side: Literal["left", "right"]) -> int:
+    """How many of the selected `positions` hold a user_id below `user_id` ("left") or up to it ("right"):
+    binary searches over the snapshot's sorted user_ids, then over the selection."""
+    row = np.searchsorted(snapshot.user_ids, user_id, side=side)
+    return int(np.searchsorted(positions, row))
 
 
 def today_utc() -> date:

@@ -151,6 +151,46 @@ class User:
         )
 
 
+@strawberry.type(description="A user of a usersConnection page, with the cursor of its place in userId order.")
+class UserEdge:
+    cursor: str = strawberry.field(
+        description="Opaque. As after or before, it marks this user's place in userId order, in later snapshots too."
+    )
+    node: User
+
+
+@strawberry.type(description="Where a usersConnection page lies among the matching users, as the Relay spec says.")
+class PageInfo:
+    has_next_page: bool = strawberry.field(
+        description="With first: more matching users follow this page, before the before cursor if given. With "
+        "last: any matching user follows this page."
+    )
+    has_previous_page: bool = strawberry.field(
+        description="With last: more matching users precede this page, after the after cursor if given. With "
+        "first: any matching user precedes this page."
+    )
+    start_cursor: str | None = strawberry.field(description="The first edge's cursor, null without edges.")
+    end_cursor: str | None = strawberry.field(description="The last edge's cursor, null without edges.")
+
+
+@strawberry.type(description="A page of the users matching a filter, in userId order, as Relay connections are.")
+class UserConnection:
+    edges: list[UserEdge]
+    page_info: PageInfo
+    total_count: int = strawberry.field(description="How many users match the filter, on every page together.")
+
+    @classmethod
+    def from_window(cls, window: query.Window, rows: list[query.UserRow], origin: str) -> UserConnection:
+        edges = [UserEdge(cursor=query.cursor(row.user_id), node=User.from_row(row, origin)) for row in rows]
+        page_info = PageInfo(
+            has_next_page=window.has_next,
+            has_previous_page=window.has_previous,
+            start_cursor=edges[0].cursor if edges else None,
+            end_cursor=edges[-1].cursor if edges else None,
+        )
+        return cls(edges=edges, page_info=page_info, total_count=window.total)
+
+
 @strawberry.enum
 class RunOutcome(enum.Enum):
     SUCCEEDED = "succeeded"
@@ -254,6 +294,28 @@ class Query:
             )
         origin = _origin(info.context.request)
         return [User.from_row(row, origin) for row in query.users(snapshot, page.positions, today)]
+
+    @strawberry.field(
+        description="Users matching the filter, ordered by userId, a page at a time with cursors (Relay's "
+        "connections): first users after the cursor after, or last users before the cursor before. Without "
+        "either, the first MAX_PAGE_SIZE; first and last together are refused. A cursor keeps its place when "
+        "users are added or removed, its own user too."
+    )
+    def users_connection(  # noqa: PLR0917 - the Relay connection arguments
+        self,
+        info: Info,
+        filter: UserFilter | None = None,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> UserConnection:
+        state, today, flt = info.context.state, query.today_utc(), _filter(filter)
+        asked = query.cursor_page(first, after, last, before, state.settings.max_page_size)
+        snapshot = state.current()
+        window = query.window(snapshot, query.select(snapshot, flt, today), asked)
+        rows = query.users(snapshot, window.positions, today)
+        return UserConnection.from_window(window, rows, _origin(info.context.request))
 
     @strawberry.field(description="One user by id, null when unknown.")
     def user(self, info: Info, user_id: strawberry.ID) -> User | None:

@@ -13,12 +13,14 @@ from datetime import UTC, date, datetime
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import query
 from service.errors import BadRequest
 from service.snapshot import Snapshot
+
+untimed = settings(deadline=None)  # these check results, not speed: a busy machine must not fail them
 
 
 def ms(year: int, month: int, day: int, hour: int = 0) -> int:
@@ -63,6 +65,7 @@ def test_age_boundaries(born: int, today: date, age: int) -> None:
     assert int(snapshot.ages(today)[0]) == age == reference_age(born, today)
 
 
+@untimed
 @given(
     births=st.lists(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 1, 1)), min_size=1, max_size=50),
     today=st.dates(min_value=date(2026, 1, 1), max_value=date(2100, 12, 31)),
@@ -186,6 +189,7 @@ def named_snapshot(rows: list[tuple[str, str, str]], births: list[int] | None = 
 names = st.text(alphabet="aAbBßSsİiıÅå '", min_size=1, max_size=6)
 
 
+@untimed
 @given(
     people=st.lists(
         st.tuples(names, names, st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27))), max_size=30
@@ -253,6 +257,7 @@ def test_user_lookup_and_empty_snapshot() -> None:
     assert query.stats(empty, query.UserFilter(), TODAY) == query.Stats(0, None, None, None, 0, 0)
 
 
+@untimed
 @given(
     people=st.lists(
         st.tuples(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27)), st.booleans()),
@@ -307,6 +312,7 @@ def reference_groups(people: list[tuple[int, bool]], grouping: query.Grouping, t
     ]
 
 
+@untimed
 @given(
     people=st.lists(
         st.tuples(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27)), st.booleans()),
