@@ -45,7 +45,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # finds itself (a variable whose value does not coerce, a missing required variable) as a GraphQLError
 # wrapping another GraphQLError.
 _EXPECTED_ERRORS = (GraphQLError, BadRequest, NotReady, Unauthorized, RunnerClosed)
-# The filters `stats` answers by reading every row, as a document names them.
+# The filters `stats` and `statsBy` answer by reading every row, as a document names them.
 _ROW_READING_FILTERS = tuple(f.graphql for f in query.FILTERS if f.name not in query.HISTOGRAM_FILTERS)
 REJECTED_PAGE = 100  # rejectedFiles without a limit: this many, or MAX_PAGE_SIZE if smaller
 
@@ -414,8 +414,9 @@ class Subscription:
 
 
 def _may_read_rows(document: str, variables: dict[str, Any] | None) -> bool:
-    """Whether the document may select `users`, or `stats` with a filter that reads rows: one named in the
-    document or, as far as one knows before parsing, in the variables."""
+    """Whether the document may select `users` or `usersConnection`, or `stats` or `statsBy` with a filter
+    that reads rows: one named in the document or, as far as one knows before parsing, in the variables.
+    Each longer name contains the shorter one."""
     if "users" in document:
         return True
     return "stats" in document and (bool(variables) or any(name in document for name in _ROW_READING_FILTERS))
