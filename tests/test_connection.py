@@ -4,6 +4,7 @@ snapshots; Relay's pageInfo at both ends; cursors and sizes refused with a messa
 from __future__ import annotations
 
 import base64
+import threading
 from collections.abc import Collection
 from datetime import date
 from pathlib import Path
@@ -332,3 +333,19 @@ async def test_the_row_budget_reads_first_and_last_from_variables(
     document = "query($n: Int = 3) { a: usersConnection(first: $n) { totalCount } b: users(limit: 3) { userId } }"
     body = await (await client.post("/graphql", json={"query": document, "variables": variables})).json()
     assert ("errors" not in body) == allowed, body
+
+
+async def test_pages_of_the_connection_are_built_off_the_event_loop(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Selecting and completing a page of a million users' connection must leave the event loop free.
+    on_the_loop: list[bool] = []
+    build = query.users
+
+    def spy(*args: Any) -> list[query.UserRow]:
+        on_the_loop.append(threading.current_thread() is threading.main_thread())
+        return build(*args)
+
+    monkeypatch.setattr(query, "users", spy)
+    assert len((await connection(client, "first: 2"))["edges"]) == 2
+    assert on_the_loop == [False]
