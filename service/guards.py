@@ -1,5 +1,5 @@
 """Refusing documents before they cost anything: oversized fragment expansions, subscriptions over HTTP,
-and operations asking for more user rows than one response may carry."""
+and operations asking for more user rows than one response may carry, in all their paged fields together."""
 
 from __future__ import annotations
 
@@ -31,8 +31,9 @@ from .config import DEFAULT_MAX_PAGE_SIZE
 # walk every expansion without memoising, so a small document of nested fragments would keep the
 # event loop busy for exponential time; this count is memoised and runs first.
 MAX_EXPANDED_FIELDS = 5_000
-# The root fields that return a page of rows, and the argument that bounds it.
-_PAGED_FIELDS = {"users": "limit"}
+# The root fields that return a page of user rows, and the arguments that bound it: the largest one given
+# counts (`usersConnection` refuses first and last together anyway); none, a page of MAX_PAGE_SIZE.
+_PAGED_FIELDS = {"users": ("limit",), "usersConnection": ("first", "last")}
 
 
 class DocumentGuard(SchemaExtension):
@@ -67,8 +68,9 @@ class DocumentGuard(SchemaExtension):
             if rows > self.max_rows:
                 raise GraphQLError(
                     f"the query asks for up to {rows} users in all; one request returns at most {self.max_rows} "
-                    f"(MAX_PAGE_SIZE; a users field without limit counts as {self.max_rows}): ask for fewer "
-                    "or smaller pages, and fetch the following ones with limit and offset in further requests"
+                    f"(MAX_PAGE_SIZE; a users field without limit, or a usersConnection without first or last, "
+                    f"counts as {self.max_rows}): ask for fewer or smaller pages, and fetch the following ones in "
+                    "further requests, with limit and offset (users) or first and after (usersConnection)"
                 )
         yield
 
@@ -109,10 +111,11 @@ def expanded_size(document: DocumentNode) -> int:
 def requested_rows(
     document: DocumentNode, operation_name: str | None, variables: Mapping[str, object] | None, page_size: int
 ) -> int:
-    """Rows the paged root fields of the operation to run may return together: each one's limit (at most
-    `page_size`; `page_size` without one). Execution merges the fields of one response key (aliases are
-    distinct keys, a fragment spread twice adds nothing), and so does this count. A limit that execution
-    refuses counts as nothing: that request fails before returning any row. A field under @skip counts."""
+    """Rows the paged root fields of the operation to run may return together: each one's limit, first or
+    last (at most `page_size`; `page_size` without any). Execution merges the fields of one response key
+    (aliases are distinct keys, a fragment spread twice adds nothing), and so does this count. A size that
+    execution refuses counts as nothing: that request fails before returning any row. A field under @skip
+    counts."""
     operation = get_operation_ast(document, operation_name)
     if operation is None:
         return 0  # none or ambiguous: execution answers that
@@ -121,12 +124,16 @@ def requested_rows(
     rows: dict[str, int] = {}  # response key -> rows
     walked: set[str] = set()
 
+    def field_rows(field: FieldNode) -> int:
+        sizes = [_argument(field, name, variables or {}, defaults) for name in _PAGED_FIELDS[field.name.value]]
+        given = [size for size in sizes if size is not None]
+        return max((_rows(size, page_size) for size in given), default=page_size)
+
     def walk(selection_set: SelectionSetNode) -> None:
         # Only the root level: paged fields are root fields, so nothing below another field returns rows.
         for selection in selection_set.selections:
             if isinstance(selection, FieldNode) and selection.name.value in _PAGED_FIELDS:
-                limit = _argument(selection, _PAGED_FIELDS[selection.name.value], variables or {}, defaults)
-                rows[(selection.alias or selection.name).value] = _rows(limit, page_size)
+                rows[(selection.alias or selection.name).value] = field_rows(selection)
             elif isinstance(selection, FragmentSpreadNode) and selection.name.value not in walked:
                 walked.add(selection.name.value)
                 fragment = fragments.get(selection.name.value)
@@ -139,10 +146,9 @@ def requested_rows(
     return sum(rows.values())
 
 
-def _rows(limit: object, page_size: int) -> int:
-    if limit is None:
-        return page_size
-    return min(limit, page_size) if isinstance(limit, int) and limit > 0 else 0
+def _rows(size: object, page_size: int) -> int:
+    """The rows a page's size lets a field return; a size execution refuses (not an Int, negative) returns none."""
+    return min(size, page_size) if isinstance(size, int) and size > 0 else 0
 
 
 def _argument(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from aiohttp import hdrs, web
@@ -24,6 +26,7 @@ STATE = web.AppKey("state", ServiceState)
 IMAGE_CHUNK_BYTES = 256 * 1024
 FILTER_PARAMS = frozenset(field.rest for field in query.FILTERS)
 _PAGE_PARAMS = frozenset({"limit", "offset"})
+_GROUP_BY = "group_by"
 _TRUE, _FALSE = frozenset({"true", "True", "1"}), frozenset({"false", "False", "0"})
 _CONTENT_TYPES = {"png": "image/png", "jpg": "image/jpeg", "jpeg": "image/jpeg"}
 _MAX_INT = 2**31 - 1  # the range of a GraphQL Int: REST reads no larger number either
@@ -111,12 +114,29 @@ async def post_data(request: web.Request) -> web.Response:
 
 
 async def get_stats(request: web.Request) -> web.Response:
-    flt, snapshot, today = parse_filter(request.query), request.app[STATE].current(), query.today_utc()
-    if flt.reads_rows():  # a filter the age histogram cannot answer searches every row: in a thread, as /data
-        result = await asyncio.to_thread(query.stats, snapshot, flt, today)
-    else:
-        result = query.stats(snapshot, flt, today)
-    return web.json_response({field.rest: getattr(result, field.name) for field in query.STATS_FIELDS})
+    """The statistics of the matching users: one JSON object, or with `group_by` an array of one per group."""
+    params = request.query
+    flt = parse_filter(params, FILTER_PARAMS | {_GROUP_BY})
+    grouping = _grouping(params[_GROUP_BY]) if _GROUP_BY in params else None
+    snapshot, today = request.app[STATE].current(), query.today_utc()
+    answer: Callable[[], query.Stats | list[query.StatsGroup]] = (
+        partial(query.stats, snapshot, flt, today)
+        if grouping is None
+        else partial(query.stats_by, snapshot, grouping, flt, today)
+    )
+    # A filter the histograms cannot answer searches every row: in a thread, as /data.
+    result = await asyncio.to_thread(answer) if flt.reads_rows() else answer()
+    if isinstance(result, query.Stats):
+        return web.json_response({field.rest: getattr(result, field.name) for field in query.STATS_FIELDS})
+    return web.json_response([{f.rest: getattr(group, f.name) for f in query.GROUP_FIELDS} for group in result])
+
+
+def _grouping(value: str) -> query.Grouping:
+    for grouping in query.GROUPINGS:
+        if grouping.rest == value:
+            return grouping
+    allowed = ", ".join(g.rest for g in query.GROUPINGS)
+    raise BadRequest(f"{_GROUP_BY} must be one of {allowed}, got {value[:50]!r}")
 
 
 async def get_image(request: web.Request) -> web.StreamResponse:

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from functools import partial
-from typing import TYPE_CHECKING, Any, NewType, get_type_hints
+from typing import TYPE_CHECKING, Any, NewType, cast, get_type_hints
 from urllib.parse import quote
 
 import numpy as np
@@ -45,7 +45,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # finds itself (a variable whose value does not coerce, a missing required variable) as a GraphQLError
 # wrapping another GraphQLError.
 _EXPECTED_ERRORS = (GraphQLError, BadRequest, NotReady, Unauthorized, RunnerClosed)
-# The filters `stats` answers by reading every row, as a document names them.
+# The filters `stats` and `statsBy` answer by reading every row, as a document names them.
 _ROW_READING_FILTERS = tuple(f.graphql for f in query.FILTERS if f.name not in query.HISTOGRAM_FILTERS)
 REJECTED_PAGE = 100  # rejectedFiles without a limit: this many, or MAX_PAGE_SIZE if smaller
 
@@ -90,6 +90,21 @@ def _stats_type() -> type:
     return strawberry.type(_class("Stats", object, fields), description="Aggregates over the users matching a filter.")
 
 
+def _stats_group_type() -> type:
+    """`StatsGroup`: a field per number of `query.GROUP_FIELDS`, made as `_stats_type` makes `Stats`."""
+    hints = get_type_hints(query.StatsGroup)
+    fields = {f.name: (hints[f.name], strawberry.field(name=f.graphql, description=f.doc)) for f in query.GROUP_FIELDS}
+    description = "The statistics of one group of the users matching a filter."
+    return strawberry.type(_class("StatsGroup", object, fields), description=description)
+
+
+def _group_by_enum() -> type[enum.Enum]:
+    """`StatsGroupBy`: a value per grouping of `query.GROUPINGS`; a resolver receives the grouping's name."""
+    values = {g.graphql: strawberry.enum_value(g.name, description=g.doc) for g in query.GROUPINGS}
+    made = cast("type[enum.Enum]", enum.Enum("StatsGroupBy", values))  # mypy takes the functional API for a member
+    return strawberry.enum(made, description="How statsBy groups the users.")
+
+
 def _class(name: str, base: type, fields: Mapping[str, tuple[object, object]]) -> type:
     """A class with these annotated attributes, as a `class` statement makes it, for Strawberry to decorate."""
     namespace: dict[str, object] = {"__module__": __name__, "__qualname__": name}
@@ -101,9 +116,14 @@ def _class(name: str, base: type, fields: Mapping[str, tuple[object, object]]) -
 if TYPE_CHECKING:  # mypy cannot see into a class made at run time: resolvers are checked against these
     UserFilter = FilterInput
     Stats = query.Stats
+    StatsGroup = query.StatsGroup
+    StatsGroupBy = enum.Enum
 else:
     UserFilter = _filter_input()
     Stats = _stats_type()
+    StatsGroup = _stats_group_type()
+    StatsGroupBy = _group_by_enum()
+_GROUPINGS = {g.name: g for g in query.GROUPINGS}
 
 
 @strawberry.type(description="One row of output.csv.")
@@ -129,6 +149,46 @@ class User:
             img_path=row.img_path or None,
             image_url=f"{origin}/images/{quote(row.user_id, safe='')}" if row.img_path else None,
         )
+
+
+@strawberry.type(description="A user of a usersConnection page, with the cursor of its place in userId order.")
+class UserEdge:
+    cursor: str = strawberry.field(
+        description="Opaque. As after or before, it marks this user's place in userId order, in later snapshots too."
+    )
+    node: User
+
+
+@strawberry.type(description="Where a usersConnection page lies among the matching users, as the Relay spec says.")
+class PageInfo:
+    has_next_page: bool = strawberry.field(
+        description="With first: more matching users follow this page, before the before cursor if given. With "
+        "last: any matching user follows this page."
+    )
+    has_previous_page: bool = strawberry.field(
+        description="With last: more matching users precede this page, after the after cursor if given. With "
+        "first: any matching user precedes this page."
+    )
+    start_cursor: str | None = strawberry.field(description="The first edge's cursor, null without edges.")
+    end_cursor: str | None = strawberry.field(description="The last edge's cursor, null without edges.")
+
+
+@strawberry.type(description="A page of the users matching a filter, in userId order, as Relay connections are.")
+class UserConnection:
+    edges: list[UserEdge]
+    page_info: PageInfo
+    total_count: int = strawberry.field(description="How many users match the filter, on every page together.")
+
+    @classmethod
+    def from_window(cls, window: query.Window, rows: list[query.UserRow], origin: str) -> UserConnection:
+        edges = [UserEdge(cursor=query.cursor(row.user_id), node=User.from_row(row, origin)) for row in rows]
+        page_info = PageInfo(
+            has_next_page=window.has_next,
+            has_previous_page=window.has_previous,
+            start_cursor=edges[0].cursor if edges else None,
+            end_cursor=edges[-1].cursor if edges else None,
+        )
+        return cls(edges=edges, page_info=page_info, total_count=window.total)
 
 
 @strawberry.enum
@@ -235,6 +295,28 @@ class Query:
         origin = _origin(info.context.request)
         return [User.from_row(row, origin) for row in query.users(snapshot, page.positions, today)]
 
+    @strawberry.field(
+        description="Users matching the filter, ordered by userId, a page at a time with cursors (Relay's "
+        "connections): first users after the cursor after, or last users before the cursor before. Without "
+        "either, the first MAX_PAGE_SIZE; first and last together are refused. A cursor keeps its place when "
+        "users are added or removed, its own user too."
+    )
+    def users_connection(  # noqa: PLR0917 - the Relay connection arguments
+        self,
+        info: Info,
+        filter: UserFilter | None = None,
+        first: int | None = None,
+        after: str | None = None,
+        last: int | None = None,
+        before: str | None = None,
+    ) -> UserConnection:
+        state, today, flt = info.context.state, query.today_utc(), _filter(filter)
+        asked = query.cursor_page(first, after, last, before, state.settings.max_page_size)
+        snapshot = state.current()
+        window = query.window(snapshot, query.select(snapshot, flt, today), asked)
+        rows = query.users(snapshot, window.positions, today)
+        return UserConnection.from_window(window, rows, _origin(info.context.request))
+
     @strawberry.field(description="One user by id, null when unknown.")
     def user(self, info: Info, user_id: strawberry.ID) -> User | None:
         row = query.user(info.context.state.current(), str(user_id), query.today_utc())
@@ -243,6 +325,14 @@ class Query:
     @strawberry.field(description="Count and age statistics of the users matching the filter.")
     def stats(self, info: Info, filter: UserFilter | None = None) -> Stats:
         return query.stats(info.context.state.current(), _filter(filter), query.today_utc())
+
+    @strawberry.field(
+        description="The statistics of each group of the users matching the filter, ordered by key (numerically "
+        "for numbers); groups without users are left out."
+    )
+    def stats_by(self, info: Info, group_by: StatsGroupBy, filter: UserFilter | None = None) -> list[StatsGroup]:
+        grouping = _GROUPINGS[group_by.value]
+        return query.stats_by(info.context.state.current(), grouping, _filter(filter), query.today_utc())
 
     @strawberry.field(
         description=f"Files rejected as of the latest run, ordered by key: limit (default {REJECTED_PAGE}, at "
@@ -324,8 +414,9 @@ class Subscription:
 
 
 def _may_read_rows(document: str, variables: dict[str, Any] | None) -> bool:
-    """Whether the document may select `users`, or `stats` with a filter that reads rows: one named in the
-    document or, as far as one knows before parsing, in the variables."""
+    """Whether the document may select `users` or `usersConnection`, or `stats` or `statsBy` with a filter
+    that reads rows: one named in the document or, as far as one knows before parsing, in the variables.
+    Each longer name contains the shorter one."""
     if "users" in document:
         return True
     return "stats" in document and (bool(variables) or any(name in document for name in _ROW_READING_FILTERS))

@@ -15,6 +15,9 @@ from .report import RejectedFiles, RunReport
 
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
+# A birthday's slot, (month - 1) * 31 + day - 1, orders the dates of any year, 29 February included.
+_DAYS_PER_SLOT_MONTH = 31
+_BIRTHDAY_SLOTS = 12 * _DAYS_PER_SLOT_MONTH
 
 
 @dataclass(frozen=True, eq=False)
@@ -38,6 +41,7 @@ class Snapshot:
     birth_month_day: IntArray = field(init=False)  # month * 100 + day, for "has the birthday come"
     _ages: dict[date, IntArray] = field(init=False)
     _age_counts: dict[date, tuple[int, IntArray]] = field(init=False)
+    _birthday_counts: dict[int, IntArray] = field(init=False)
     _lock: threading.Lock = field(init=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,7 @@ class Snapshot:
             ("birth_month_day", months * 100 + days),
             ("_ages", {}),
             ("_age_counts", {}),
+            ("_birthday_counts", {}),
             ("_lock", threading.Lock()),
         ):
             object.__setattr__(self, name, value)
@@ -99,3 +104,30 @@ class Snapshot:
             self._age_counts.clear()  # keep only today's
             self._age_counts[today] = (lowest, counts)
         return lowest, counts
+
+    def birth_year_counts(self, today: date) -> IntArray:
+        """counts[y, i, c]: users born in the year EARLIEST_BIRTH_YEAR + y, row i = 1 with an image, c = 1
+        when their birthday has come this year (aged today.year - year, else one less). Every age by year of
+        birth is read from it: the work grows with the number of years, not of users."""
+        slot = (today.month - 1) * _DAYS_PER_SLOT_MONTH + today.day - 1
+        cumulative = self._birthdays(today.year)
+        come = cumulative[:, :, slot]
+        return np.stack([cumulative[:, :, -1] - come, come], axis=2)
+
+    def _birthdays(self, year: int) -> IntArray:
+        """counts[y, i, s]: as in `birth_year_counts`, with a birthday on slot s ((month - 1) * 31 + day - 1)
+        of the year or earlier. Counted once per snapshot (and calendar year, which bounds the years)."""
+        cached = self._birthday_counts.get(year)
+        if cached is not None:
+            return cached
+        width = year - EARLIEST_BIRTH_YEAR + 1
+        years = np.clip(self.birth_year - EARLIEST_BIRTH_YEAR, 0, width - 1)  # bounded, as in `age_counts`
+        slots = (self.birth_month_day // 100 - 1) * _DAYS_PER_SLOT_MONTH + self.birth_month_day % 100 - 1
+        cells = (years * 2 + self.has_image) * _BIRTHDAY_SLOTS + slots
+        counts = np.bincount(cells, minlength=width * 2 * _BIRTHDAY_SLOTS).reshape(width, 2, _BIRTHDAY_SLOTS)
+        counts = counts.cumsum(axis=2)
+        counts.setflags(write=False)
+        with self._lock:
+            self._birthday_counts.clear()  # keep only this year's
+            self._birthday_counts[year] = counts
+        return counts

@@ -1,7 +1,7 @@
 """REST and GraphQL offer the same filters and answer them alike: every filter of the domain definition
 (`query.FILTERS`) is a field of GraphQL's `UserFilter` and a REST query parameter, and for generated
-filters `GET /data` (all pages) and `users`, `GET /stats` and `stats`, and the two run reports agree
-under the names the README's table gives."""
+filters `GET /data` (all pages) and `users`, `GET /stats` and `stats`, `GET /stats?group_by=` and
+`statsBy`, and the two run reports agree under the names the README's table gives."""
 
 from __future__ import annotations
 
@@ -137,9 +137,22 @@ def graphql_scalar(hint: object) -> str:
     return {int: "Int", float: "Float"}[base]
 
 
-def test_the_readme_table_names_every_filter_and_statistic() -> None:
+async def test_every_grouping_is_a_graphql_enum_value_and_a_rest_value(client: TestClient[Any, Any]) -> None:
+    enum = build_schema().execute_sync('{ __type(name: "StatsGroupBy") { enumValues { name } } }')
+    assert enum.data is not None
+    assert [v["name"] for v in enum.data["__type"]["enumValues"]] == [g.graphql for g in query.GROUPINGS]
+    hints = typing.get_type_hints(query.StatsGroup)
+    assert graphql_fields("StatsGroup") == {
+        f.graphql: "String" if f.name == "key" else graphql_scalar(hints[f.name]) for f in query.GROUP_FIELDS
+    }
+    for grouping in query.GROUPINGS:
+        groups = await (await client.get("/stats", params={"group_by": grouping.rest})).json()
+        assert groups and [list(group) for group in groups] == [[f.rest for f in query.GROUP_FIELDS]] * len(groups)
+
+
+def test_the_readme_table_names_every_filter_statistic_and_grouping() -> None:
     readme = (ROOT / "README.md").read_text()
-    for field in (*query.FILTERS, *query.STATS_FIELDS):
+    for field in (*query.FILTERS, *query.STATS_FIELDS, *query.GROUPINGS, *query.GROUP_FIELDS):
         assert f"\n| `{field.rest}` | `{field.graphql}` |" in readme, field.name
 
 
@@ -201,6 +214,46 @@ async def test_both_apis_return_the_same_users_and_statistics(
     assert len(rows) == numbers["count"]
 
 
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chosen=filters, grouping=st.sampled_from(query.GROUPINGS))
+async def test_both_apis_return_the_same_groups(
+    client: TestClient[Any, Any], chosen: dict[str, Any], grouping: query.Grouping
+) -> None:
+    fields = " ".join(f.graphql for f in query.GROUP_FIELDS)
+    document = f"query($g: StatsGroupBy!, $f: UserFilter) {{ statsBy(groupBy: $g, filter: $f) {{ {fields} }} }}"
+    graphql_groups = await gql_with(client, document, {"g": grouping.graphql, "f": graphql_filter(chosen)})
+    rest_groups = await client.get("/stats", params={**rest_params(chosen), "group_by": grouping.rest})
+    totals = await client.get("/stats", params=rest_params(chosen))
+
+    if rest_groups.status == 400:  # refused by both, naming the same filters, as `stats` and `GET /stats` are
+        message = (await rest_groups.json())["error"]
+        assert message == (await totals.json())["error"]
+        assert named(graphql_groups["errors"][0]["message"], query.Api.GRAPHQL) == named(message, query.Api.REST)
+        return
+
+    groups = await rest_groups.json()
+    assert [{f.name: g[f.rest] for f in query.GROUP_FIELDS} for g in groups] == [
+        {f.name: g[f.graphql] for f in query.GROUP_FIELDS} for g in graphql_groups["data"]["statsBy"]
+    ]
+    total = await totals.json()  # the groups partition the users that `stats` counts
+    assert sum(g["count"] for g in groups) == total["count"]
+    assert min((g["youngest_age"] for g in groups), default=None) == total["youngest_age"]
+    assert max((g["oldest_age"] for g in groups), default=None) == total["oldest_age"]
+
+
+async def test_rest_refuses_an_unknown_grouping_naming_the_allowed_ones(client: TestClient[Any, Any]) -> None:
+    for params in ({"group_by": "Age"}, {"group_by": ""}, [("group_by", "age"), ("group_by", "age")]):
+        response = await client.get("/stats", params=params)
+        assert response.status == 400
+        message = (await response.json())["error"]
+        assert message in {
+            "group_by must be one of age, birth_year, has_image, got 'Age'",
+            "group_by must be one of age, birth_year, has_image, got ''",
+            "group_by is given more than once",
+        }, message
+    assert (await client.get("/data", params={"group_by": "age"})).status == 400  # /stats only
+
+
 def camel(name: str) -> str:
     head, *rest = name.split("_")
     return head + "".join(word.capitalize() for word in rest)
@@ -245,3 +298,21 @@ async def test_statistics_that_read_every_row_are_counted_off_the_event_loop(
     await gql_with(client, "query($f: UserFilter) { stats(filter: $f) { count } }", {"f": {"nameContains": "an"}})
     await gql(client, "{ stats(filter: {minAge: 3}) { count } }")
     assert on_the_loop == [False, True, False, False, True]
+
+
+async def test_groups_that_read_every_row_are_counted_off_the_event_loop(
+    client: TestClient[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    on_the_loop: list[bool] = []
+    original = query.stats_by
+
+    def spy(*args: Any) -> list[query.StatsGroup]:
+        on_the_loop.append(threading.current_thread() is threading.main_thread())
+        return original(*args)
+
+    monkeypatch.setattr(query, "stats_by", spy)
+    await client.get("/stats", params={"group_by": "age", "name_contains": "an"})
+    await client.get("/stats", params={"group_by": "birth_year", "min_age": "3"})
+    await gql(client, '{ statsBy(groupBy: AGE, filter: {nameContains: "an"}) { key } }')
+    await gql(client, "{ statsBy(groupBy: HAS_IMAGE, filter: {minAge: 3}) { key } }")
+    assert on_the_loop == [False, True, False, True]

@@ -13,12 +13,14 @@ from datetime import UTC, date, datetime
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service import query
 from service.errors import BadRequest
 from service.snapshot import Snapshot
+
+untimed = settings(deadline=None)  # these check results, not speed: a busy machine must not fail them
 
 
 def ms(year: int, month: int, day: int, hour: int = 0) -> int:
@@ -63,6 +65,7 @@ def test_age_boundaries(born: int, today: date, age: int) -> None:
     assert int(snapshot.ages(today)[0]) == age == reference_age(born, today)
 
 
+@untimed
 @given(
     births=st.lists(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 1, 1)), min_size=1, max_size=50),
     today=st.dates(min_value=date(2026, 1, 1), max_value=date(2100, 12, 31)),
@@ -186,6 +189,7 @@ def named_snapshot(rows: list[tuple[str, str, str]], births: list[int] | None = 
 names = st.text(alphabet="aAbBßSsİiıÅå '", min_size=1, max_size=6)
 
 
+@untimed
 @given(
     people=st.lists(
         st.tuples(names, names, st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27))), max_size=30
@@ -253,6 +257,7 @@ def test_user_lookup_and_empty_snapshot() -> None:
     assert query.stats(empty, query.UserFilter(), TODAY) == query.Stats(0, None, None, None, 0, 0)
 
 
+@untimed
 @given(
     people=st.lists(
         st.tuples(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27)), st.booleans()),
@@ -290,3 +295,88 @@ def test_the_age_histogram_never_grows_with_a_value() -> None:
     lowest, counts = snapshot.age_counts(today)
     assert lowest == 0 and counts.shape == (2, today.year - 1800 + 1)
     assert int(counts.sum()) == 2
+
+
+def reference_groups(people: list[tuple[int, bool]], grouping: query.Grouping, today: date) -> list[query.StatsGroup]:
+    """Groups by brute force: each user's key and age from the calendar, then count, mean, min and max."""
+    by_key: dict[str, list[int]] = {}
+    for birthts, image in people:
+        born = datetime.fromtimestamp(birthts / 1000, tz=UTC).date()
+        age = reference_age(birthts, today)
+        key = {"age": str(age), "birth_year": str(born.year), "has_image": str(image).lower()}[grouping.name]
+        by_key.setdefault(key, []).append(age)
+    order = (lambda key: (key,)) if grouping.name == "has_image" else (lambda key: (int(key),))
+    return [
+        query.StatsGroup(key, len(ages), pytest.approx(statistics.mean(ages)), min(ages), max(ages))
+        for key, ages in sorted(by_key.items(), key=lambda item: order(item[0]))
+    ]
+
+
+@untimed
+@given(
+    people=st.lists(
+        st.tuples(st.integers(min_value=-5_364_662_400_000, max_value=ms(2026, 11, 27)), st.booleans()),
+        max_size=60,
+    ),
+    grouping=st.sampled_from(query.GROUPINGS),
+    has_image=st.none() | st.booleans(),
+    min_age=st.none() | st.integers(min_value=0, max_value=130),
+    span=st.none() | st.integers(min_value=0, max_value=130),
+    reads_rows=st.booleans(),
+    today=st.dates(min_value=date(2026, 11, 27), max_value=date(2100, 12, 31)),
+)
+def test_stats_by_group_equal_a_brute_force_count(  # noqa: PLR0917 - one argument per generated part
+    people: list[tuple[int, bool]],
+    grouping: query.Grouping,
+    has_image: bool | None,
+    min_age: int | None,
+    span: int | None,
+    reads_rows: bool,
+    today: date,
+) -> None:
+    # From the snapshot's histograms, or (with a name filter every user passes) by counting the selected rows.
+    max_age = None if span is None else (min_age or 0) + span
+    snapshot = snapshot_of([(f"u{i:03}", b, "img.png" if img else "") for i, (b, img) in enumerate(people)])
+    flt = query.UserFilter(has_image, min_age, max_age, name_contains="f" if reads_rows else None)
+    assert flt.reads_rows() == reads_rows
+    chosen = [
+        (b, img)
+        for b, img in people
+        if (has_image is None or img == has_image)
+        and (min_age is None or reference_age(b, today) >= min_age)
+        and (max_age is None or reference_age(b, today) <= max_age)
+    ]
+    assert query.stats_by(snapshot, grouping, flt, today) == reference_groups(chosen, grouping, today)
+
+
+@pytest.mark.parametrize("grouping", query.GROUPINGS, ids=lambda g: g.name)
+def test_stats_by_group_of_nobody_is_empty(grouping: query.Grouping) -> None:
+    empty = Snapshot(snapshot_of(PEOPLE).table.iloc[0:0], 0, datetime.now(UTC))
+    assert query.stats_by(empty, grouping, query.UserFilter(), TODAY) == []
+    assert query.stats_by(empty, grouping, query.UserFilter(name_contains="a"), TODAY) == []
+    nobody = query.UserFilter(min_age=200)  # a filter nobody passes, on a snapshot with users
+    assert query.stats_by(snapshot_of(PEOPLE), grouping, nobody, TODAY) == []
+
+
+def test_stats_by_birth_year_splits_a_year_at_the_birthday() -> None:
+    # Born in one year, two ages until the later birthday has come: the year's youngest and oldest differ.
+    people = [("a", ms(2000, 3, 1), ""), ("b", ms(2000, 12, 31), "x.png"), ("c", ms(2004, 2, 29), "")]
+    by_year = query.GROUPINGS[1]
+    assert by_year.name == "birth_year"
+    groups = query.stats_by(snapshot_of(people), by_year, query.UserFilter(), date(2026, 11, 27))
+    assert groups == [query.StatsGroup("2000", 2, 25.5, 25, 26), query.StatsGroup("2004", 1, 22.0, 22, 22)]
+    on_the_day = query.stats_by(snapshot_of(people), by_year, query.UserFilter(has_image=True), date(2026, 12, 31))
+    assert on_the_day == [query.StatsGroup("2000", 1, 26.0, 26, 26)]
+    # Born on 29 February: 22 until 28 February 2027, 23 from 1 March.
+    twenty_two = query.UserFilter(min_age=22, max_age=22)
+    assert query.stats_by(snapshot_of(people), by_year, twenty_two, date(2027, 2, 28)) == [
+        query.StatsGroup("2004", 1, 22.0, 22, 22)
+    ]
+    assert query.stats_by(snapshot_of(people), by_year, twenty_two, date(2027, 3, 1)) == []
+
+
+def test_the_year_histogram_is_counted_once_per_snapshot_and_keeps_its_size() -> None:
+    snapshot = snapshot_of([("1", ms(1990, 1, 1), ""), ("2", -9_000_000_000_000_000_000, "")])
+    counts = snapshot.birth_year_counts(TODAY)
+    assert counts.shape == (TODAY.year - 1800 + 1, 2, 2) and int(counts.sum()) == 2
+    assert snapshot._birthdays(TODAY.year) is snapshot._birthdays(TODAY.year)
