@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from aiohttp.test_utils import TestClient
+from miniopy_async import Minio
+from miniopy_async.sse import SseCustomerKey
+from s3server import SeaweedServer
 from yarl import URL
 
+from service.local_store import LocalStore
+from service.snapshot import Snapshot
 from service.storage import ObjectStore
 
 NEVER = "0 0 1 1 *"  # the schedule stays out of the way; tests trigger runs themselves
@@ -19,6 +27,10 @@ ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
 
 def ms(day: date) -> int:
     return int(datetime(day.year, day.month, day.day, 12, tzinfo=UTC).timestamp() * 1000)
+
+
+def utc_ms(year: int, month: int, day: int, hour: int = 0) -> int:
+    return int(datetime(year, month, day, hour, tzinfo=UTC).timestamp() * 1000)
 
 
 def years_ago(years: int, days: int = 0) -> date:
@@ -97,3 +109,36 @@ async def all_pages(client: TestClient[Any, Any], params: dict[str, str]) -> lis
 def user_csv(first: str, last: str, birthts: int | str, header: str = "first_name, last_name, birthts") -> bytes:
     """One user file: `header`, then the values with a space after each comma (the task's format)."""
     return f"{header}\n{first}, {last}, {birthts}\n".encode()
+
+
+class SlowStore(LocalStore):
+    """Holds every GET until released, to observe the service in the middle of a run."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, "datalake")
+        self.gate = asyncio.Event()
+        self.gate.set()
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        if key.startswith("src-data/"):
+            await self.gate.wait()
+        return await super().get(key, max_bytes)
+
+
+def snapshot_of(rows: list[tuple[str, int, str]]) -> Snapshot:
+    table = pd.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "first_name": "F",
+            "last_name": "L",
+            "birthts": pd.array([r[1] for r in rows], dtype="int64"),
+            "img_path": [r[2] for r in rows],
+        }
+    ).sort_values("user_id")
+    return Snapshot(table.reset_index(drop=True), version=1, committed_at=datetime.now(UTC))
+
+
+async def put_with_customer_key(server: SeaweedServer, bucket: str, key: str, data: bytes) -> None:
+    """Upload with SSE-C: the server keeps only a hash of the key, and refuses reads that lack it."""
+    async with Minio(server.endpoint, server.access_key, server.secret_key, secure=False) as client:
+        await client.put_object(bucket, key, io.BytesIO(data), len(data), sse=SseCustomerKey(b"k" * 32))

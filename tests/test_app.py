@@ -18,7 +18,20 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 from recording import Recording
-from support import NEVER, PEOPLE, ClientFactory, age_on, all_pages, as_sent, csv_of, gql, ms, seed, wait_ready
+from support import (
+    NEVER,
+    PEOPLE,
+    ClientFactory,
+    SlowStore,
+    age_on,
+    all_pages,
+    as_sent,
+    csv_of,
+    gql,
+    ms,
+    seed,
+    wait_ready,
+)
 
 from service import query as queries
 from service import rest
@@ -399,20 +412,6 @@ async def test_concurrent_reprocess_calls_never_overlap(client: TestClient[Any, 
     assert len(runs) < 30  # coalesced
     for (_, _, finished), (_, started, _) in itertools.pairwise(runs):
         assert datetime.fromisoformat(started) >= datetime.fromisoformat(finished)  # never two at once
-
-
-class SlowStore(LocalStore):
-    """Holds every GET until released, to observe the service in the middle of a run."""
-
-    def __init__(self, root: Path) -> None:
-        super().__init__(root, "datalake")
-        self.gate = asyncio.Event()
-        self.gate.set()
-
-    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        if key.startswith("src-data/"):
-            await self.gate.wait()
-        return await super().get(key, max_bytes)
 
 
 async def test_queries_during_a_run_answer_from_the_previous_snapshot(

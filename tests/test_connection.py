@@ -15,8 +15,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_app import NEVER, PEOPLE, ClientFactory, csv_of, gql, seed, wait_ready
-from test_query import ms, snapshot_of
+from support import NEVER, PEOPLE, ClientFactory, csv_of, gql, seed, snapshot_of, wait_ready
+from support import utc_ms as ms
 
 from service import query
 from service.app import create_app

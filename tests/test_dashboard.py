@@ -22,8 +22,8 @@ import numpy as np
 import pandas as pd
 import pytest
 from aiohttp.test_utils import TestClient, make_mocked_request
-from test_app import NEVER, PEOPLE, ClientFactory, SlowStore, age_on, seed, wait_ready
-from test_graphiql import ARTIFACTS, chromium_page, find_chromium
+from browser import ARTIFACTS, chromium_page, find_chromium
+from support import NEVER, PEOPLE, ClientFactory, SlowStore, age_on, seed, wait_ready
 
 from service import __version__, dashboard
 from service.app import create_app

@@ -30,7 +30,7 @@ import pandas as pd
 import pytest
 from aiohttp.test_utils import TestClient
 from s3server import BucketPool, SeaweedServer, free_ports
-from test_storage import put_with_customer_key
+from support import put_with_customer_key
 
 from service import manifest as mf
 from service import output

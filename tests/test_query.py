@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import snapshot_of
 
 from service import query
 from service.errors import BadRequest
@@ -25,19 +26,6 @@ untimed = settings(deadline=None)  # these check results, not speed: a busy mach
 
 def ms(year: int, month: int, day: int, hour: int = 0) -> int:
     return int(datetime(year, month, day, hour, tzinfo=UTC).timestamp() * 1000)
-
-
-def snapshot_of(rows: list[tuple[str, int, str]]) -> Snapshot:
-    table = pd.DataFrame(
-        {
-            "user_id": [r[0] for r in rows],
-            "first_name": "F",
-            "last_name": "L",
-            "birthts": pd.array([r[1] for r in rows], dtype="int64"),
-            "img_path": [r[2] for r in rows],
-        }
-    ).sort_values("user_id")
-    return Snapshot(table.reset_index(drop=True), version=1, committed_at=datetime.now(UTC))
 
 
 def reference_age(birthts: int, today: date) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import json
 import os
 import re
@@ -21,9 +20,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
-from miniopy_async import Minio
-from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer, free_ports
+from support import put_with_customer_key
 
 from service.demo import has_objects
 from service.errors import InvalidKey, ObjectNotFound, ObjectUnreadable, PreconditionFailed, StorageError
@@ -641,12 +639,6 @@ async def test_missing_bucket_is_not_a_missing_object(seaweed: SeaweedServer) ->
     finally:
         await store.close()
     assert not isinstance(caught.value, ObjectNotFound | ObjectUnreadable)
-
-
-async def put_with_customer_key(server: SeaweedServer, bucket: str, key: str, data: bytes) -> None:
-    """Upload with SSE-C: the server keeps only a hash of the key, and refuses reads that lack it."""
-    async with Minio(server.endpoint, server.access_key, server.secret_key, secure=False) as client:
-        await client.put_object(bucket, key, io.BytesIO(data), len(data), sse=SseCustomerKey(b"k" * 32))
 
 
 @pytest.mark.s3
