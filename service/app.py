@@ -221,11 +221,15 @@ class Follower:
         info = await _stat_or_none(state.store, startup.aggregator.manifest_key)
         if info is None or info.etag == self._seen_manifest:
             return
-        self._seen_manifest = info.etag
         served = state.snapshot
         committed = await startup.aggregator.load_committed()
-        if committed is None or (served is not None and committed.version <= served.version):
-            return  # this replica's own commit, or nothing new
+        if state.snapshot is not served:
+            return  # a run of this replica served its commit meanwhile: look again
+        self._seen_manifest = info.etag  # only now: a look that failed is made again
+        if committed is None or info.etag == startup.aggregator.committed_etag:
+            return  # nothing committed, or the commit this replica's last run served
+        # Another replica's commit: newer, or of the same version when only the manifest changed (the
+        # rejected files); the board refuses an older one.
         snapshot = Snapshot(committed.table, committed.version, info.last_modified, rejected=committed.rejected)
         if state.snapshots.publish(snapshot):
             state.metrics.observe_follow(datetime.now(UTC) - info.last_modified)
@@ -235,8 +239,8 @@ class Follower:
         info = await _stat_or_none(self._state.store, history.key)
         if info is None or info.etag == self._seen_history:
             return
-        self._seen_history = info.etag
         self._state.runner.adopt(await history.load())
+        self._seen_history = info.etag
 
 
 async def _stat_or_none(store: ObjectStore, key: str) -> ObjectInfo | None:

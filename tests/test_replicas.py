@@ -1,0 +1,331 @@
+"""Several replicas on one bucket, with real parts: commits that race, apps that follow each other, and
+`serve` processes (on SeaweedFS, and on one shared DATA_DIR) that are called at once and SIGKILLed.
+
+What is checked is what README "Scaling out" promises: one run at a time, commits that cannot overwrite
+each other, every replica serving the newest commit within seconds, one shared history, and an output
+equal to the view of the source files (a fresh rebuild on another output key) whatever happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient
+from recording import Recording
+from test_faults import (
+    SRC,
+    output_ids,
+    put_all,
+    rebuild,
+    user_csv,
+    user_objects,
+)
+
+from service import manifest as mf
+from service.aggregator import Aggregator, RunResult, Superseded
+from service.app import create_app
+from service.config import Settings
+from service.errors import PreconditionFailed, StorageError
+from service.local_store import LocalStore
+from service.storage import ObjectStore
+
+OUTPUT = "processed_data/output.csv"
+MANIFEST = OUTPUT + ".manifest"
+LEASE = OUTPUT + ".lease"
+NEVER = "0 0 1 1 *"  # the schedule stays out of the way: the tests trigger runs themselves
+FOLLOW_WITHIN = 5.0  # seconds: how soon every replica serves another replica's commit
+RUN_FIELDS = "runId replica outcome error startedAt finishedAt outputVersion"
+STATS = "{ stats { count averageAge youngestAge oldestAge withImage withoutImage } }"
+ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+# -- what every test checks ----------------------------------------------------------------------
+
+
+def assert_disjoint(runs: list[dict[str, Any]]) -> None:
+    """No two runs of the history overlap in time (whichever replicas ran them)."""
+    spans = sorted((_at(r["startedAt"]), _at(r["finishedAt"]), f"{r['replica']}#{r['runId']}") for r in runs)
+    for (_, finished, before), (started, _, after) in itertools.pairwise(spans):
+        assert started >= finished, f"run {after} started at {started} before run {before} finished at {finished}"
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+async def assert_output_is_the_view(store: ObjectStore, ids: set[int], rebuild_key: str) -> None:
+    """The stored output equals a from-scratch rebuild (on another key), and its header names it."""
+    output = await store.get(OUTPUT)
+    assert output == await rebuild(store, rebuild_key)
+    assert output_ids(output) == sorted(map(str, ids))
+    _, header = mf.from_bytes(await store.get(MANIFEST), int(time.time() * 1000))
+    assert header.output_etag == (await store.stat(OUTPUT)).etag
+
+
+# -- 1. two aggregators that commit at once, without a lease -------------------------------------
+
+
+@dataclass(frozen=True)
+class Write:
+    writer: str
+    key: str
+    if_match: str | None
+    if_none_match: bool
+    etag: str | None  # None: refused (precondition failed)
+
+
+class CommitRace(Recording):
+    """One aggregator's view of the store: its first commit write (output or manifest) waits at a barrier
+    shared with the other aggregator, so both have loaded their state before either writes. Every write
+    to the output or the manifest is logged, refused or not, in the order the store answered them."""
+
+    def __init__(self, inner: ObjectStore, writer: str, barrier: asyncio.Barrier, log: list[Write]) -> None:
+        super().__init__(inner)
+        self.writer = writer
+        self.barrier = barrier
+        self.log = log
+        self.waited = False
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        if key not in (OUTPUT, MANIFEST):
+            return await super().put(key, data, content_type, if_match=if_match, if_none_match=if_none_match)
+        if not self.waited:
+            self.waited = True
+            await asyncio.wait_for(self.barrier.wait(), 30.0)
+        try:
+            etag = await super().put(key, data, content_type, if_match=if_match, if_none_match=if_none_match)
+        except PreconditionFailed:
+            self.log.append(Write(self.writer, key, if_match, if_none_match, None))
+            raise
+        self.log.append(Write(self.writer, key, if_match, if_none_match, etag))
+        return etag
+
+
+async def _etag(store: ObjectStore, key: str) -> str | None:
+    return (await store.stat(key)).etag if await store.exists(key) else None
+
+
+@pytest.mark.parametrize("commit", ["first", "output", "manifest-only"])
+async def test_two_aggregators_committing_at_once_exactly_one_commits(store: ObjectStore, commit: str) -> None:
+    """first: nothing committed yet (both create); output: a changed user (both replace the output);
+    manifest-only: a new bad file (the output stays, both replace only the manifest)."""
+    ids = set(range(30))
+    await put_all(store, user_objects(sorted(ids)))
+    if commit != "first":
+        await Aggregator(store, src_prefix=SRC, output_key=OUTPUT, concurrency=8).run(trigger="earlier")
+    if commit == "output":
+        await put_all(store, {f"{SRC}4.csv": user_csv(4, version=1), f"{SRC}30.csv": user_csv(30)})
+        ids.add(30)
+    elif commit == "manifest-only":
+        await store.put(f"{SRC}bad.csv", b"first_name\nonly\n")
+    before = {key: await _etag(store, key) for key in (OUTPUT, MANIFEST)}
+
+    barrier, log = asyncio.Barrier(2), []
+    racers = {
+        name: Aggregator(CommitRace(store, name, barrier, log), src_prefix=SRC, output_key=OUTPUT, concurrency=8)
+        for name in ("a", "b")
+    }
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(racer.run(trigger=name) for name, racer in racers.items()), return_exceptions=True), 60.0
+    )
+
+    results = dict(zip(racers, outcomes, strict=True))
+    [winner] = [name for name, result in results.items() if isinstance(result, RunResult)]
+    [loser] = [name for name, result in results.items() if isinstance(result, Superseded)]
+    won = results[winner]
+    assert isinstance(won, RunResult)
+    # The loser's one write was refused, and it wrote nothing after it.
+    assert [(w.key, w.etag) for w in log if w.writer == loser] == [
+        (MANIFEST if commit == "manifest-only" else OUTPUT, None)
+    ]
+    written = [w.key for w in log if w.writer == winner]
+    assert written == ([MANIFEST] if commit == "manifest-only" else [OUTPUT, MANIFEST])
+    assert all(w.etag is not None for w in log if w.writer == winner)
+    assert won.report.output_written == (commit != "manifest-only")
+
+    # No commit overwrote another's: each write that went through was conditional on the object as the
+    # write before it left it (absent at first), and what is stored is what the last of them wrote.
+    current = dict(before)
+    for write in log:
+        assert write.if_none_match or write.if_match is not None, f"an unconditional commit write: {write}"
+        if write.etag is not None:
+            assert (write.if_match if write.if_match is not None else None) == current[write.key], write
+            assert not write.if_none_match or current[write.key] is None, write
+            current[write.key] = write.etag
+    assert current == {key: await _etag(store, key) for key in (OUTPUT, MANIFEST)}
+
+    await assert_output_is_the_view(store, ids, "rebuild/output.csv")
+    # One more run, by the loser: it starts from the winner's commit, which is already the view.
+    again = await racers[loser].run(trigger="again")
+    assert (again.report.output_version, again.report.output_written) == (won.report.output_version, False)
+    assert (again.report.added, again.report.updated, again.report.removed) == (0, 0, 0)
+    await assert_output_is_the_view(store, ids, "rebuild-2/output.csv")
+
+
+# -- 2. two apps in one process, on one local store ----------------------------------------------
+
+
+async def gql(client: TestClient[Any, Any], query: str) -> dict[str, Any]:
+    response = await client.post("/graphql", json={"query": query})
+    assert response.status == 200, await response.text()
+    body: dict[str, Any] = await response.json()
+    assert "errors" not in body, body
+    data: dict[str, Any] = body["data"]
+    return data
+
+
+async def served_version(client: TestClient[Any, Any]) -> int | None:
+    response = await client.get("/readyz")
+    return int((await response.json())["version"]) if response.status == 200 else None
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
+    """Poll `check` until it holds; how long that took. The bound is what the README promises."""
+    began = time.monotonic()
+    while not await check():
+        assert time.monotonic() - began < within, f"not within {within}s: {what}"
+        await asyncio.sleep(0.05)
+    return time.monotonic() - began
+
+
+async def test_two_apps_on_one_store_follow_each_other_share_one_history_and_never_overlap(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    seeder = LocalStore(tmp_path, "datalake")
+    await seeder.ensure_bucket()
+    ids = set(range(40))
+    await put_all(seeder, user_objects(sorted(ids)))
+
+    def replica(name: str) -> Awaitable[TestClient[Any, Any]]:
+        settings = Settings(schedule=NEVER, follow_interval=0.2, lease_ttl=3, replica_id=name, data_dir=tmp_path)
+        return aiohttp_client(create_app(settings, store=LocalStore(tmp_path, "datalake")))
+
+    a, b = await replica("a"), await replica("b")
+    await eventually(lambda: _started(a, {"a", "b"}), 30.0, "both start-up runs in the history")
+
+    # A commits a change (and a newly rejected file): B serves it within seconds, and answers alike.
+    await put_all(seeder, {f"{SRC}5.csv": user_csv(5, version=1), f"{SRC}40.csv": user_csv(40)})
+    await seeder.put(f"{SRC}bad.csv", b"first_name\nonly\n")
+    ids.add(40)
+    run = (await gql(a, f"mutation {{ reprocess {{ {RUN_FIELDS} }} }}"))["reprocess"]
+    assert (run["outcome"], run["replica"]) == ("SUCCEEDED", "a")
+    version = run["outputVersion"]
+    took = await eventually(lambda: _serves(b, version), FOLLOW_WITHIN, f"b serving version {version}")
+    print(f"\nb served a's commit {took:.2f}s after a's run returned")
+    assert await gql(b, STATS) == await gql(a, STATS)
+    assert (await gql(b, STATS))["stats"]["count"] == len(ids)
+    rejected = "{ rejectedFiles { totalCount files { key } } }"
+    assert await gql(b, rejected) == await gql(a, rejected)
+    assert (await gql(b, rejected))["rejectedFiles"]["files"] == [{"key": f"{SRC}bad.csv"}]
+    # B lists A's run: the history is shared.
+    mine = {"replica": "a", "runId": run["runId"], "outcome": "SUCCEEDED"}
+
+    async def b_lists_it() -> bool:
+        return mine in (await gql(b, "{ runs(limit: 100) { replica runId outcome } }"))["runs"]
+
+    await eventually(b_lists_it, FOLLOW_WITHIN, "b listing a's run")
+
+    # A commit of the manifest alone (one more rejected file, the output as it was, the same version)
+    # is news too: B lists the rejected files A does.
+    await seeder.put(f"{SRC}worse.csv", b"last_name\nonly\n")
+    run = (await gql(a, "mutation { reprocess { outcome outputVersion outputWritten rejectedCount } }"))["reprocess"]
+    assert run == {"outcome": "SUCCEEDED", "outputVersion": version, "outputWritten": False, "rejectedCount": 2}
+
+    async def b_lists_both() -> bool:
+        return await gql(b, rejected) == await gql(a, rejected)
+
+    await eventually(b_lists_both, FOLLOW_WITHIN, "b listing the rejected files a does")
+    assert (await gql(b, rejected))["rejectedFiles"]["totalCount"] == 2
+
+    # Both at once: each gets a run that started after its call, and the runs take turns.
+    await put_all(seeder, {f"{SRC}6.csv": user_csv(6, version=1), f"{SRC}41.csv": user_csv(41)})
+    ids.add(41)
+    asked = datetime.now(UTC)
+    both = await asyncio.gather(*(gql(c, f"mutation {{ reprocess {{ {RUN_FIELDS} }} }}") for c in (a, b)))
+    reports = [body["reprocess"] for body in both]
+    assert [(r["outcome"], r["replica"]) for r in reports] == [("SUCCEEDED", "a"), ("SUCCEEDED", "b")]
+    assert all(_at(r["startedAt"]) >= asked for r in reports), (asked, reports)
+    fields = "replica runId outcome startedAt finishedAt"
+
+    async def history_has_both() -> bool:
+        runs = (await gql(a, f"{{ runs(limit: 100) {{ {fields} }} }}"))["runs"]
+        return all({k: r[k] for k in fields.split()} in runs for r in reports)
+
+    await eventually(history_has_both, FOLLOW_WITHIN, "the shared history listing both runs")
+    history = (await gql(b, f"{{ runs(limit: 100) {{ {fields} }} }}"))["runs"]
+    assert {r["replica"] for r in history} == {"a", "b"}
+    assert all(r["outcome"] == "SUCCEEDED" for r in history), history
+    assert_disjoint(history)
+    newest = max(r["outputVersion"] for r in reports)
+    for client in (a, b):
+        await eventually(lambda c=client: _serves(c, newest), FOLLOW_WITHIN, f"serving version {newest}")
+    assert await gql(b, STATS) == await gql(a, STATS)
+    await assert_output_is_the_view(seeder, ids, "rebuild/output.csv")
+
+
+async def _started(client: TestClient[Any, Any], replicas: set[str]) -> bool:
+    """Whether the start-up run of each of `replicas` is over (so runs now are the ones a test asks for)."""
+    runs = (await gql(client, "{ runs(limit: 100) { replica trigger } }"))["runs"]
+    return {r["replica"] for r in runs if r["trigger"] == "startup"} >= replicas
+
+
+async def _serves(client: TestClient[Any, Any], version: int) -> bool:
+    return await served_version(client) == version
+
+
+class FailingOnce(Recording):
+    """Once armed, the first read of each key in `keys` fails, as a store that stumbles once does."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.keys: set[str] = set()
+        self.failed: list[str] = []
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        if key in self.keys:
+            self.keys.discard(key)
+            self.failed.append(key)
+            raise StorageError(f"injected failure reading {key}")
+        return await super().get(key, max_bytes)
+
+
+async def test_a_follower_whose_look_fails_looks_again(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    seeder = LocalStore(tmp_path, "datalake")
+    await seeder.ensure_bucket()
+    await put_all(seeder, user_objects(range(10)))
+    stumbling = FailingOnce(LocalStore(tmp_path, "datalake"))
+    clients = {}
+    for name, store in (("a", LocalStore(tmp_path, "datalake")), ("b", stumbling)):
+        settings = Settings(schedule=NEVER, follow_interval=0.2, lease_ttl=3, replica_id=name, data_dir=tmp_path)
+        clients[name] = await aiohttp_client(create_app(settings, store=store))
+    a, b = clients["a"], clients["b"]
+    await eventually(lambda: _started(b, {"a", "b"}), 30.0, "both start-up runs in the history")
+
+    stumbling.keys = {MANIFEST, OUTPUT + ".runs.json"}  # b's next look at a commit and at the history fail
+    await seeder.put(f"{SRC}10.csv", user_csv(10))
+    run = (await gql(a, f"mutation {{ reprocess {{ {RUN_FIELDS} }} }}"))["reprocess"]
+    await eventually(lambda: _serves(b, run["outputVersion"]), FOLLOW_WITHIN, "b serving a's commit")
+    assert (await gql(b, STATS))["stats"]["count"] == 11
+
+    async def b_lists_it() -> bool:
+        runs = (await gql(b, "{ runs(limit: 100) { replica runId } }"))["runs"]
+        return {"replica": "a", "runId": run["runId"]} in runs
+
+    await eventually(b_lists_it, FOLLOW_WITHIN, "b listing a's run")
+    assert sorted(stumbling.failed) == sorted([MANIFEST, OUTPUT + ".runs.json"])
