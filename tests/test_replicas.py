@@ -9,19 +9,28 @@ equal to the view of the source files (a fresh rebuild on another output key) wh
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import random
+import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient
 from recording import Recording
+from s3server import BucketPool, SeaweedServer, free_ports
 from test_faults import (
     SRC,
+    FaultProxy,
+    Request,
+    Service,
+    change_some,
     output_ids,
     put_all,
     rebuild,
@@ -34,7 +43,9 @@ from service.aggregator import Aggregator, RunResult, Superseded
 from service.app import create_app
 from service.config import Settings
 from service.errors import PreconditionFailed, StorageError
+from service.lease import Lease, LeaseRecord
 from service.local_store import LocalStore
+from service.minio_store import MinioStore
 from service.storage import ObjectStore
 
 OUTPUT = "processed_data/output.csv"
@@ -329,3 +340,255 @@ async def test_a_follower_whose_look_fails_looks_again(aiohttp_client: ClientFac
 
     await eventually(b_lists_it, FOLLOW_WITHIN, "b listing a's run")
     assert sorted(stumbling.failed) == sorted([MANIFEST, OUTPUT + ".runs.json"])
+
+
+# -- 3. and 4. `serve` processes ------------------------------------------------------------------
+
+
+@dataclass
+class Replica:
+    """One `python -m service serve` process, stopped by its own pid."""
+
+    name: str
+    port: int
+    service: Service
+
+    async def gql(self, http: aiohttp.ClientSession, query: str) -> dict[str, Any]:
+        async with http.post(f"http://127.0.0.1:{self.port}/graphql", json={"query": query}) as response:
+            assert response.status == 200, await response.text()
+            body: dict[str, Any] = await response.json()
+        assert "errors" not in body, (self.name, body)
+        data: dict[str, Any] = body["data"]
+        return data
+
+    async def version(self, http: aiohttp.ClientSession) -> int | None:
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(f"http://127.0.0.1:{self.port}/readyz") as response:
+                if response.status == 200:
+                    return int((await response.json())["version"])
+        assert self.service.proc.returncode is None, self.service.output()
+        return None
+
+
+@contextlib.asynccontextmanager
+async def replicas(envs: dict[str, dict[str, str]], logs: Path) -> AsyncIterator[dict[str, Replica]]:
+    """A `serve` process per name (REPLICA_ID the name, on a free loopback port), each ready and past its
+    start-up run; all SIGKILLed at the end (by pid) unless a test stopped them before."""
+    ports = free_ports(len(envs))
+    started: dict[str, Replica] = {}
+    try:
+        for (name, env), port in zip(envs.items(), ports, strict=True):
+            settings = {"REPLICA_ID": name, "PORT": str(port), "HOST": "127.0.0.1", "SCHEDULE": NEVER}
+            service = await Service.start(["serve"], env | settings, logs / f"{name}.log")
+            started[name] = Replica(name, port, service)
+        async with aiohttp.ClientSession() as http:
+            first = next(iter(started.values()))
+
+            async def all_started() -> bool:
+                if any([await r.version(http) is None for r in started.values()]):
+                    return False
+                return await _processes_started(http, first, set(started))
+
+            await eventually(all_started, 90.0, "every replica ready and past its start-up run")
+        yield started
+    finally:
+        for replica in started.values():
+            await replica.service.close()
+
+
+async def _processes_started(http: aiohttp.ClientSession, replica: Replica, names: set[str]) -> bool:
+    runs = (await replica.gql(http, "{ runs(limit: 100) { replica trigger outcome } }"))["runs"]
+    return {r["replica"] for r in runs if r["trigger"] == "startup" and r["outcome"] == "SUCCEEDED"} >= names
+
+
+async def reprocess_at_once(
+    http: aiohttp.ClientSession, targets: list[Replica], rng: random.Random, spread: float
+) -> list[dict[str, Any]]:
+    """A `reprocess` to each target, all within `spread` seconds; each report must be a successful run
+    of that replica that started after its call."""
+
+    async def call(target: Replica, delay: float) -> dict[str, Any]:
+        await asyncio.sleep(delay)
+        asked = datetime.now(UTC)
+        report = (await target.gql(http, f"mutation {{ reprocess {{ {RUN_FIELDS} }} }}"))["reprocess"]
+        assert (report["outcome"], report["error"], report["replica"]) == ("SUCCEEDED", None, target.name), report
+        assert _at(report["startedAt"]) >= asked, f"{target.name}'s run started before the call at {asked}: {report}"
+        return report
+
+    calls = [call(target, rng.uniform(0.0, spread)) for target in targets]
+    return list(await asyncio.wait_for(asyncio.gather(*calls), 180.0))
+
+
+async def assert_one_history(
+    http: aiohttp.ClientSession, reader: Replica, reports: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Every report is in the shared history (as any replica reads it), and no two runs overlap."""
+    fields = "replica runId outcome startedAt finishedAt"
+    wanted = [{k: r[k] for k in fields.split()} for r in reports]
+    history: list[dict[str, Any]] = []
+
+    async def has_them() -> bool:
+        nonlocal history
+        history = (await reader.gql(http, f"{{ runs(limit: 100) {{ {fields} }} }}"))["runs"]
+        return all(report in history for report in wanted)
+
+    await eventually(has_them, FOLLOW_WITHIN, "the shared history listing every run reported")
+    assert all(run["outcome"] == "SUCCEEDED" for run in history), history
+    assert_disjoint(history)
+    return history
+
+
+async def assert_all_serve(http: aiohttp.ClientSession, group: list[Replica], version: int) -> dict[str, Any]:
+    """Each replica serves `version` within FOLLOW_WITHIN seconds, and they answer `stats` alike."""
+    began = time.monotonic()
+    for replica in group:
+        left = FOLLOW_WITHIN - (time.monotonic() - began)
+        await eventually(lambda r=replica: _is(r.version(http), version), left, f"{replica.name} serving {version}")
+    answers = [await replica.gql(http, STATS) for replica in group]
+    assert all(answer == answers[0] for answer in answers), answers
+    return answers[0]
+
+
+async def _is(value: Awaitable[int | None], expected: int) -> bool:
+    return await value == expected
+
+
+@pytest.fixture
+async def bucket(seaweed: SeaweedServer, seaweed_buckets: BucketPool) -> AsyncIterator[MinioStore]:
+    store = seaweed.store(await seaweed_buckets.take())
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def test_three_replicas_on_seaweedfs_take_turns_follow_and_survive_a_killed_lease_holder(
+    seaweed: SeaweedServer, bucket: MinioStore, tmp_path: Path
+) -> None:
+    ids = set(range(300))
+    await put_all(bucket, user_objects(sorted(ids)))
+    proxy = await FaultProxy(seaweed.endpoint).start()  # in front of r0 only: it is the one killed
+    env = {
+        "MINIO_ENDPOINT": seaweed.endpoint,
+        "MINIO_ACCESS_KEY": seaweed.access_key,
+        "MINIO_SECRET_KEY": seaweed.secret_key,
+        "BUCKET": bucket.bucket,
+        "FOLLOW_INTERVAL": "0.2",
+        "LEASE_TTL": "3",
+    }
+    envs = {"r0": env | {"MINIO_ENDPOINT": proxy.endpoint, "FETCH_CONCURRENCY": "8"}, "r1": env, "r2": env}
+    try:
+        async with replicas(envs, tmp_path) as group, aiohttp.ClientSession() as http:
+            r0, r1, r2 = group.values()
+            rng = random.Random(11)
+
+            # 30 calls at once, 10 to each replica, after a change: each gets a run of its own replica
+            # that started after the call; the runs take turns; all replicas end up serving alike.
+            ids = await change_some(bucket, ids, rng, 40)
+            reports = await reprocess_at_once(http, [r0, r1, r2] * 10, rng, spread=1.5)
+            await assert_one_history(http, r2, reports)
+            newest = max(r["outputVersion"] for r in reports)
+            stats = await assert_all_serve(http, [r0, r1, r2], newest)
+            assert stats["stats"]["count"] == len(ids)
+            print(f"\n30 calls answered by {len({(r['replica'], r['runId']) for r in reports})} runs")
+
+            # r0, the lease holder in the middle of a run over 2,000 new files, is SIGKILLed: the others
+            # wait for its lease to expire, then r1 runs, and everyone serves the view.
+            output_before = await bucket.get(OUTPUT)
+            added = range(max(ids) + 1, max(ids) + 2001)
+            await put_all(bucket, user_objects(added, images=False))
+            ids |= set(added)
+            source_gets = f"/{bucket.bucket}/{SRC}"
+            proxy.requests.clear()
+            killed_at: list[datetime] = []
+
+            def kill_midway(request: Request) -> None:
+                fetch = request.method == "GET" and request.path.startswith(source_gets)
+                if fetch and not killed_at and proxy.count("GET", source_gets) == 200:
+                    killed_at.append(datetime.now(UTC))
+                    r0.service.kill()
+
+            proxy.on_request = kill_midway
+            doomed = asyncio.create_task(r0.gql(http, "mutation { reprocess { outcome } }"))
+            assert await r0.service.wait(60.0) == -signal.SIGKILL, r0.service.output()
+            proxy.on_request = None
+            with pytest.raises(aiohttp.ClientError):
+                await doomed
+            lease = LeaseRecord.from_bytes(await bucket.get(LEASE))
+            assert lease is not None and lease.replica == "r0", lease
+            assert lease.expires > killed_at[0]  # it held the lease when it died
+            assert await bucket.get(OUTPUT) == output_before  # and committed nothing
+
+            run = (await r1.gql(http, f"mutation {{ reprocess {{ {RUN_FIELDS} users }} }}"))["reprocess"]
+            assert (run["outcome"], run["users"]) == ("SUCCEEDED", len(ids)), run
+            assert _at(run["startedAt"]) >= lease.expires, (run, lease)
+            await assert_one_history(http, r2, [run])
+            stats = await assert_all_serve(http, [r1, r2], run["outputVersion"])
+            assert stats["stats"]["count"] == len(ids)
+            await assert_output_is_the_view(bucket, ids, "rebuild/output.csv")
+
+            for survivor in (r1, r2):  # a graceful stop, lease and follower included
+                survivor.service.proc.send_signal(signal.SIGTERM)
+            for survivor in (r1, r2):
+                assert await survivor.service.wait(15.0) == 0, survivor.service.output()
+    finally:
+        await proxy.close()
+
+
+async def test_two_processes_sharing_one_data_dir_take_turns(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "data", "datalake")
+    await store.ensure_bucket()
+    ids = set(range(200))
+    await put_all(store, user_objects(sorted(ids)))
+    env = {"DATA_DIR": str(tmp_path / "data"), "BUCKET": "datalake", "FOLLOW_INTERVAL": "0.2", "LEASE_TTL": "3"}
+    async with replicas({"p0": env, "p1": env}, tmp_path) as group, aiohttp.ClientSession() as http:
+        p0, p1 = group.values()
+        rng = random.Random(12)
+        ids = await change_some(store, ids, rng, 20)
+        reports = await reprocess_at_once(http, [p0, p1] * 5, rng, spread=1.0)
+        assert {r["replica"] for r in reports} == {"p0", "p1"}
+        await assert_one_history(http, p1, reports)
+        stats = await assert_all_serve(http, [p0, p1], max(r["outputVersion"] for r in reports))
+        assert stats["stats"]["count"] == len(ids)
+        await assert_output_is_the_view(store, ids, "rebuild/output.csv")
+
+
+# -- the lease, released while a renewal is answered ------------------------------------------------
+
+
+class SlowLeaseAnswers(Recording):
+    """Writes of the lease are applied at once, but their answers take `delay` seconds to arrive."""
+
+    def __init__(self, inner: ObjectStore, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+        self.applied = 0
+        self.renewal_applied = asyncio.Event()
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        etag = await super().put(key, data, content_type, if_match=if_match, if_none_match=if_none_match)
+        if key == LEASE:
+            self.applied += 1
+            if self.applied == 2:  # the first renewal (the first write took the lease)
+                self.renewal_applied.set()
+            await asyncio.sleep(self.delay)
+        return etag
+
+
+async def test_a_run_that_ends_while_its_lease_is_renewed_still_releases_it(store: ObjectStore) -> None:
+    slow = SlowLeaseAnswers(store, delay=0.5)
+    async with Lease(slow, LEASE, "a", ttl=1.5).hold(1):  # renewed every 0.5 s
+        await asyncio.wait_for(slow.renewal_applied.wait(), 10.0)
+    # The run ended with the renewal's answer on its way: the release must still be applied, so that
+    # other replicas need not wait for the lease to expire.
+    assert await Lease(store, LEASE, "b", ttl=1.5).holder() is None
+    record = LeaseRecord.from_bytes(await store.get(LEASE))
+    assert record is not None and record.replica == "a"
