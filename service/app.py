@@ -260,7 +260,8 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 async def scheduled_run(runner: Runner, lease: Lease | None = None) -> None:
     """The cron callback (a tick during start-up or shutdown has nothing to do). The cron fires on every
-    replica: while another one holds the lease, it is running, and this one skips its tick."""
+    replica: while another one holds the lease, it is running, and this one skips its tick (also when
+    that replica took the lease after the look below: the ticks of all replicas fire at once)."""
     if lease is not None:
         try:
             holder = await lease.holder()
@@ -271,7 +272,7 @@ async def scheduled_run(runner: Runner, lease: Lease | None = None) -> None:
             logger.info("scheduled run skipped: replica %s is running (run %d)", holder.replica, holder.run)
             return
     with contextlib.suppress(RunnerClosed, NotReady):
-        await runner.run("schedule")
+        await runner.run_unless_busy("schedule")
 
 
 def _snapshot_of(result: RunResult) -> Snapshot:

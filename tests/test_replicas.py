@@ -46,7 +46,7 @@ from service.errors import PreconditionFailed, StorageError
 from service.lease import Lease, LeaseRecord
 from service.local_store import LocalStore
 from service.minio_store import MinioStore
-from service.storage import ObjectStore
+from service.storage import ObjectInfo, ObjectStore
 
 OUTPUT = "processed_data/output.csv"
 MANIFEST = OUTPUT + ".manifest"
@@ -592,3 +592,110 @@ async def test_a_run_that_ends_while_its_lease_is_renewed_still_releases_it(stor
     assert await Lease(store, LEASE, "b", ttl=1.5).holder() is None
     record = LeaseRecord.from_bytes(await store.get(LEASE))
     assert record is not None and record.replica == "a"
+
+
+# -- the schedule fires on every replica: one of them runs -----------------------------------------
+
+
+class SlowListing(Recording):
+    """Each listing starts `delay` seconds late: a run holds the lease while the other replicas' ticks fire."""
+
+    def __init__(self, inner: ObjectStore, delay: float) -> None:
+        super().__init__(inner)
+        self.delay = delay
+
+    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+        await asyncio.sleep(self.delay)
+        async for page in super().list(prefix):
+            yield page
+
+
+async def test_each_scheduled_tick_runs_on_one_replica_only(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
+    seeder = LocalStore(tmp_path, "datalake")
+    await seeder.ensure_bucket()
+    await put_all(seeder, user_objects(range(10)))
+    clients = []
+    for name in ("a", "b", "c"):
+        settings = Settings(schedule="* * * * * *", follow_interval=0.2, lease_ttl=3, replica_id=name)
+        store = SlowListing(LocalStore(tmp_path, "datalake"), delay=0.3)
+        clients.append(await aiohttp_client(create_app(settings, store=store)))
+    await eventually(lambda: _started(clients[0], {"a", "b", "c"}), 30.0, "every start-up run in the history")
+    since = datetime.now(UTC)
+    fields = "replica trigger startedAt"
+    history: list[dict[str, Any]] = []
+
+    async def ticks_seen(count: int) -> bool:
+        nonlocal history
+        runs = (await gql(clients[0], f"{{ runs(limit: 100) {{ {fields} }} }}"))["runs"]
+        history = [r for r in runs if r["trigger"] == "schedule" and _at(r["startedAt"]) > since]
+        return len({_at(r["startedAt"]).replace(microsecond=0) for r in history}) >= count
+
+    await eventually(lambda: ticks_seen(4), 15.0, "runs of four scheduled ticks")
+    await asyncio.sleep(1.0)  # the replicas that would run a tick late have done so by now
+    await ticks_seen(4)
+    per_tick: dict[datetime, list[str]] = {}
+    for run in history:
+        per_tick.setdefault(_at(run["startedAt"]).replace(microsecond=0), []).append(run["replica"])
+    assert all(len(replicas) == 1 for replicas in per_tick.values()), per_tick
+
+
+# -- a run that waited for the lease and then failed ------------------------------------------------
+
+
+class Stalling(Recording):
+    """`gate` closed: source reads wait for it (`reached` says one does). `fail_list`: listings fail."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.reached = asyncio.Event()
+        self.fail_list = False
+
+    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        if key.startswith(SRC) and not self.gate.is_set():
+            self.reached.set()
+            await self.gate.wait()
+        return await super().get(key, max_bytes)
+
+    async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
+        if self.fail_list:
+            raise StorageError(f"injected failure listing {prefix}")
+        async for page in super().list(prefix):
+            yield page
+
+
+async def test_a_run_that_waited_for_the_lease_starts_when_it_got_it(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    seeder = LocalStore(tmp_path, "datalake")
+    await seeder.ensure_bucket()
+    await put_all(seeder, user_objects(range(10)))
+    stores = {name: Stalling(LocalStore(tmp_path, "datalake")) for name in ("a", "b")}
+    clients = {}
+    for name, store in stores.items():
+        settings = Settings(schedule=NEVER, follow_interval=0.2, lease_ttl=3, replica_id=name)
+        clients[name] = await aiohttp_client(create_app(settings, store=store))
+    a, b = clients["a"], clients["b"]
+    await eventually(lambda: _started(a, {"a", "b"}), 30.0, "both start-up runs in the history")
+
+    await seeder.put(f"{SRC}3.csv", user_csv(3, version=1))
+    stores["a"].gate.clear()
+    running = asyncio.create_task(gql(a, f"mutation {{ reprocess {{ {RUN_FIELDS} }} }}"))
+    await asyncio.wait_for(stores["a"].reached.wait(), 10.0)  # a holds the lease, mid-run
+    stores["b"].fail_list = True
+    waiting = asyncio.create_task(gql(b, f"mutation {{ reprocess {{ {RUN_FIELDS} }} }}"))
+    await asyncio.sleep(0.7)  # b asks for the lease (and is told to wait) at least once
+    stores["a"].gate.set()
+    ran, failed = (await running)["reprocess"], (await waiting)["reprocess"]
+    assert (ran["outcome"], failed["outcome"]) == ("SUCCEEDED", "FAILED"), (ran, failed)
+    assert "injected failure listing" in failed["error"]
+    # b's run began when it got the lease, after a's ended: its report says so, in the shared history too.
+    assert _at(failed["startedAt"]) >= _at(ran["finishedAt"]), (ran, failed)
+    await eventually(lambda: _lists(a, [ran, failed]), FOLLOW_WITHIN, "the shared history listing both runs")
+    assert_disjoint((await gql(a, "{ runs(limit: 100) { replica runId startedAt finishedAt } }"))["runs"])
+
+
+async def _lists(client: TestClient[Any, Any], reports: list[dict[str, Any]]) -> bool:
+    runs = (await gql(client, "{ runs(limit: 100) { replica runId startedAt } }"))["runs"]
+    return all({k: r[k] for k in ("replica", "runId", "startedAt")} in runs for r in reports)
