@@ -190,6 +190,87 @@ async def test_two_aggregators_committing_at_once_exactly_one_commits(store: Obj
     await assert_output_is_the_view(store, ids, "rebuild-2/output.csv")
 
 
+class BetweenWrites(Recording):
+    """Pauses after its first output write, before the manifest write: `between` is set, `resume` lets it
+    go on. Every write to the output or the manifest is logged (refused ones with etag None)."""
+
+    def __init__(self, inner: ObjectStore, writer: str, log: list[Write]) -> None:
+        super().__init__(inner)
+        self.writer = writer
+        self.log = log
+        self.between = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def put(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str = "application/octet-stream",
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> str:
+        try:
+            etag = await super().put(key, data, content_type, if_match=if_match, if_none_match=if_none_match)
+        except PreconditionFailed:
+            self.log.append(Write(self.writer, key, if_match, if_none_match, None))
+            raise
+        if key in (OUTPUT, MANIFEST):
+            self.log.append(Write(self.writer, key, if_match, if_none_match, etag))
+        if key == OUTPUT and not self.between.is_set():
+            self.between.set()
+            await asyncio.wait_for(self.resume.wait(), 30.0)
+        return etag
+
+
+@pytest.mark.parametrize("finishes_first", ["earlier", "later"])
+async def test_a_run_that_starts_between_anothers_two_writes(store: ObjectStore, finishes_first: str) -> None:
+    """Run a stops between its output and manifest writes; run b starts then (it finds the output out of
+    step with the manifest) and stops there too. Whichever writes its manifest first commits, the other
+    is superseded; when that was the earlier run, the output it wrote was replaced by the later one's and
+    the manifest names another ETag: the next run sees it and writes the output again."""
+    ids = set(range(30))
+    await put_all(store, user_objects(sorted(ids)))
+    await Aggregator(store, src_prefix=SRC, output_key=OUTPUT, concurrency=8).run(trigger="earlier")
+    manifest_before = await _etag(store, MANIFEST)
+    await put_all(store, {f"{SRC}7.csv": user_csv(7, version=1), f"{SRC}30.csv": user_csv(30)})
+    ids.add(30)
+    log: list[Write] = []
+    wrappers = {name: BetweenWrites(store, name, log) for name in ("earlier", "later")}
+    runs = {name: Aggregator(w, src_prefix=SRC, output_key=OUTPUT, concurrency=8) for name, w in wrappers.items()}
+
+    earlier = asyncio.create_task(runs["earlier"].run(trigger="earlier"))
+    await asyncio.wait_for(wrappers["earlier"].between.wait(), 30.0)
+    later = asyncio.create_task(runs["later"].run(trigger="later"))
+    await asyncio.wait_for(wrappers["later"].between.wait(), 30.0)
+    tasks = {"earlier": earlier, "later": later}
+    loser = "later" if finishes_first == "earlier" else "earlier"
+    wrappers[finishes_first].resume.set()
+    won = await asyncio.wait_for(tasks[finishes_first], 30.0)
+    wrappers[loser].resume.set()
+    with pytest.raises(Superseded):
+        await asyncio.wait_for(tasks[loser], 30.0)
+
+    # Both output writes went through, each on the ETag the other left; of the manifest writes, both on
+    # the manifest the runs started from, only the first did.
+    outputs = [w for w in log if w.key == OUTPUT]
+    manifests = [(w.writer, w.if_match, w.etag is not None) for w in log if w.key == MANIFEST]
+    assert [w.writer for w in outputs] == ["earlier", "later"] and all(w.etag for w in outputs)
+    assert outputs[1].if_match == outputs[0].etag
+    assert manifests == [(finishes_first, manifest_before, True), (loser, manifest_before, False)]
+    _, header = mf.from_bytes(await store.get(MANIFEST), int(time.time() * 1000))
+    # (On S3 an ETag is the MD5 of the bytes: the two outputs are alike, so the output still matches.)
+    in_step = header.output_etag == (await store.stat(OUTPUT)).etag
+    assert in_step or finishes_first == "earlier"
+    assert in_step == (finishes_first == "later") or isinstance(store, MinioStore)
+    assert header.version == won.report.output_version
+
+    again = await Aggregator(store, src_prefix=SRC, output_key=OUTPUT, concurrency=8).run(trigger="again")
+    assert again.report.output_written == (not in_step)
+    assert any("does not match the manifest" in w for w in again.report.warnings) == (not in_step)
+    await assert_output_is_the_view(store, ids, "rebuild/output.csv")
+
+
 # -- 2. two apps in one process, on one local store ----------------------------------------------
 
 
