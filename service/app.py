@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiocron
+import numpy as np
 from aiohttp import web
 from cross_web import HTTPException
 from strawberry.exceptions import ConnectionRejectionError
@@ -20,7 +21,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
 
 from . import graphiql, rest
-from .aggregator import Aggregator, Progress, RunResult
+from .aggregator import Aggregator, Committed, Progress, RunResult
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
 from .events import Broadcaster, RunFinished, RunProgress
@@ -228,8 +229,8 @@ class Follower:
         self._seen_manifest = info.etag  # only now: a look that failed is made again
         if committed is None or info.etag == startup.aggregator.committed_etag:
             return  # nothing committed, or the commit this replica's last run served
-        # Another replica's commit: newer, or of the same version when only the manifest changed (the
-        # rejected files); the board refuses an older one.
+        if served is not None and not _news(committed, served):
+            return  # what is served already (the commit loaded at start-up), or an older commit
         snapshot = Snapshot(committed.table, committed.version, info.last_modified, rejected=committed.rejected)
         if state.snapshots.publish(snapshot):
             state.metrics.observe_follow(datetime.now(UTC) - info.last_modified)
@@ -241,6 +242,15 @@ class Follower:
             return
         self._state.runner.adopt(await history.load())
         self._seen_history = info.etag
+
+
+def _news(committed: Committed, served: Snapshot) -> bool:
+    """Whether another replica's commit serves anything `served` does not: a newer version, or the same
+    version with other rejected files (a commit of the manifest alone keeps the output's version)."""
+    if committed.version != served.version:
+        return committed.version > served.version
+    new, old = committed.rejected, served.rejected
+    return len(new) != len(old) or not (np.array_equal(new.keys, old.keys) and np.array_equal(new.reasons, old.reasons))
 
 
 async def _stat_or_none(store: ObjectStore, key: str) -> ObjectInfo | None:

@@ -828,3 +828,18 @@ async def test_a_run_that_waited_for_the_lease_starts_when_it_got_it(
 async def _lists(client: TestClient[Any, Any], reports: list[dict[str, Any]]) -> bool:
     runs = (await gql(client, "{ runs(limit: 100) { replica runId startedAt } }"))["runs"]
     return all({k: r[k] for k in ("replica", "runId", "startedAt")} in runs for r in reports)
+
+
+async def test_a_replica_does_not_follow_the_commit_it_loaded_at_start_up(
+    aiohttp_client: ClientFactory, tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path, "datalake")
+    await store.ensure_bucket()
+    await put_all(store, user_objects(range(10)))
+    await Aggregator(store, src_prefix=SRC, output_key=OUTPUT, concurrency=8).run(trigger="earlier")
+    # The start-up run lists slowly: the follower looks many times while the loaded commit is served.
+    settings = Settings(schedule=NEVER, follow_interval=0.05, replica_id="a")
+    client = await aiohttp_client(create_app(settings, store=SlowListing(LocalStore(tmp_path, "datalake"), 1.0)))
+    await eventually(lambda: _started(client, {"a"}), 30.0, "the start-up run in the history")
+    metrics = await (await client.get("/metrics")).text()
+    assert "\nfollower_lag_seconds_count 0.0\n" in metrics  # nothing of another replica's was served
