@@ -157,6 +157,9 @@ class Aggregator:
         self._clock = clock
         self._committed: _Committed | None = None
         self._version = 0  # the newest commit this process made or read: versions never go back
+        #: The manifest ETag of the commit this process's last successful run ended on (written by it, or
+        #: found unchanged): what that run served. None before such a run.
+        self.committed_etag: str | None = None
 
     @classmethod
     def from_settings(cls, store: ObjectStore, settings: Settings) -> Aggregator:
@@ -392,9 +395,12 @@ class Aggregator:
                 self.manifest_key, data, "application/gzip", state.started_from.manifest, fence
             )
         else:
-            manifest_etag = self._committed.manifest_etag
+            # Unchanged: the manifest this run started from (the cache may hold a later one meanwhile,
+            # read by the follower).
+            manifest_etag = state.started_from.manifest or self._committed.manifest_etag
         self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
         self._version = version
+        self.committed_etag = manifest_etag
         return version, written
 
     async def _put(self, key: str, data: bytes, content_type: str, found: str | None, fence: Fence | None) -> str:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import aiocron
+import numpy as np
 from aiohttp import web
 from cross_web import HTTPException
 from strawberry.exceptions import ConnectionRejectionError
@@ -20,7 +21,7 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
 
 from . import dashboard, graphiql, rest
-from .aggregator import Aggregator, Progress, RunResult
+from .aggregator import Aggregator, Committed, Progress, RunResult
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
 from .events import Broadcaster, RunFinished, RunProgress
@@ -222,11 +223,15 @@ class Follower:
         info = await _stat_or_none(state.store, startup.aggregator.manifest_key)
         if info is None or info.etag == self._seen_manifest:
             return
-        self._seen_manifest = info.etag
         served = state.snapshot
         committed = await startup.aggregator.load_committed()
-        if committed is None or (served is not None and committed.version <= served.version):
-            return  # this replica's own commit, or nothing new
+        if state.snapshot is not served:
+            return  # a run of this replica served its commit meanwhile: look again
+        self._seen_manifest = info.etag  # only now: a look that failed is made again
+        if committed is None or info.etag == startup.aggregator.committed_etag:
+            return  # nothing committed, or the commit this replica's last run served
+        if served is not None and not _news(committed, served):
+            return  # what is served already (the commit loaded at start-up), or an older commit
         snapshot = Snapshot(committed.table, committed.version, info.last_modified, rejected=committed.rejected)
         if state.snapshots.publish(snapshot):
             state.metrics.observe_follow(datetime.now(UTC) - info.last_modified)
@@ -236,8 +241,17 @@ class Follower:
         info = await _stat_or_none(self._state.store, history.key)
         if info is None or info.etag == self._seen_history:
             return
-        self._seen_history = info.etag
         self._state.runner.adopt(await history.load())
+        self._seen_history = info.etag
+
+
+def _news(committed: Committed, served: Snapshot) -> bool:
+    """Whether another replica's commit serves anything `served` does not: a newer version, or the same
+    version with other rejected files (a commit of the manifest alone keeps the output's version)."""
+    if committed.version != served.version:
+        return committed.version > served.version
+    new, old = committed.rejected, served.rejected
+    return len(new) != len(old) or not (np.array_equal(new.keys, old.keys) and np.array_equal(new.reasons, old.reasons))
 
 
 async def _stat_or_none(store: ObjectStore, key: str) -> ObjectInfo | None:
@@ -257,7 +271,8 @@ def _log_failure(task: asyncio.Task[None]) -> None:
 
 async def scheduled_run(runner: Runner, lease: Lease | None = None) -> None:
     """The cron callback (a tick during start-up or shutdown has nothing to do). The cron fires on every
-    replica: while another one holds the lease, it is running, and this one skips its tick."""
+    replica: while another one holds the lease, it is running, and this one skips its tick (also when
+    that replica took the lease after the look below: the ticks of all replicas fire at once)."""
     if lease is not None:
         try:
             holder = await lease.holder()
@@ -268,7 +283,7 @@ async def scheduled_run(runner: Runner, lease: Lease | None = None) -> None:
             logger.info("scheduled run skipped: replica %s is running (run %d)", holder.replica, holder.run)
             return
     with contextlib.suppress(RunnerClosed, NotReady):
-        await runner.run("schedule")
+        await runner.run_unless_busy("schedule")
 
 
 def _snapshot_of(result: RunResult) -> Snapshot:

@@ -102,7 +102,9 @@ class Lease:
         try:
             yield holding
         finally:
-            renewer.cancel()
+            # Not cancelled: a renewal in flight may have been applied already, and only its answer
+            # carries the ETag the release is conditional on.
+            holding.stop_renewing()
             await asyncio.gather(renewer, return_exceptions=True)
             await holding.release()
             self._changed("lost" if holding.lost else "released")
@@ -152,6 +154,7 @@ class Holding:
         self.record = record
         self._etag = etag
         self._lost: str | None = None
+        self._done = asyncio.Event()
 
     @property
     def lost(self) -> bool:
@@ -167,8 +170,15 @@ class Holding:
     async def renew_until_done(self) -> None:
         interval = self._lease.ttl.total_seconds() / 3
         while self._lost is None:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), interval)
+            if self._done.is_set():
+                return
             await self._renew()
+
+    def stop_renewing(self) -> None:
+        """End `renew_until_done` after the renewal in flight, if any."""
+        self._done.set()
 
     async def _renew(self) -> None:
         lease = self._lease

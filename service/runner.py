@@ -49,12 +49,14 @@ class Runner:
         self._on_report = on_report
         self._shared = shared
         self.replica = replica
-        self._pending: asyncio.Future[RunReport] | None = None
+        self._pending: asyncio.Future[RunReport | None] | None = None
         self._pending_trigger = ""
+        self._pending_optional = False  # may be dropped while another replica runs (see `run_unless_busy`)
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._held = held
         self._next_id = 1
+        self._started = datetime.now(UTC)  # when the run in flight began: it got the lease, or asked last
         self._rejected = RejectedFiles.empty()  # as of the last successful run, to log only changes
         self.history: deque[RunReport] = deque(maxlen=history)
 
@@ -69,13 +71,25 @@ class Runner:
 
     async def run(self, trigger: str) -> RunReport:
         """Request a run and wait for its report; callers during a run share the next one."""
+        report = await self._request(trigger, optional=False)
+        assert report is not None  # only a run that every caller lets go is dropped
+        return report
+
+    async def run_unless_busy(self, trigger: str) -> RunReport | None:
+        """Like `run`, but the run is dropped (None) when, as it is due, another replica holds the lease:
+        that replica is running now. Not dropped when a `run` caller shares it."""
+        return await self._request(trigger, optional=True)
+
+    async def _request(self, trigger: str, *, optional: bool) -> RunReport | None:
         if self._closed:
             raise RunnerClosed("the service is shutting down")
         if self._held:
             raise NotReady("the service is starting: the object store has not been reachable yet")
         if self._pending is None:
             self._pending = asyncio.get_running_loop().create_future()
-            self._pending_trigger = trigger
+            self._pending_trigger, self._pending_optional = trigger, optional
+        else:
+            self._pending_optional = self._pending_optional and optional
         pending = self._pending
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._loop(), name="aggregation-runner")
@@ -83,30 +97,34 @@ class Runner:
 
     async def _loop(self) -> None:
         while self._pending is not None:
-            pending, trigger = self._pending, self._pending_trigger
+            pending, trigger, optional = self._pending, self._pending_trigger, self._pending_optional
             self._pending = None
             try:
-                report = await self._execute(trigger)
+                report = await self._execute(trigger, optional)
             except asyncio.CancelledError:
                 pending.set_exception(RunnerClosed("the run was cancelled by shutdown"))
                 raise
             pending.set_result(report)
 
-    async def _execute(self, trigger: str) -> RunReport:
+    async def _execute(self, trigger: str, optional: bool = False) -> RunReport | None:
         run_id, self._next_id = self._next_id, self._next_id + 1
-        started = datetime.now(UTC)
         try:
-            result = await self._aggregate(run_id, trigger)
+            result = await self._aggregate(run_id, trigger, optional)
+        except LeaseBusy as busy:  # only when optional
+            self._next_id = run_id  # no run: its number is not taken
+            logger.info("%s run skipped: %s", trigger, busy)
+            return None
         except (Superseded, LeaseLost) as exc:
+            started = self._started
             report = RunReport(run_id, trigger, started, datetime.now(UTC), Outcome.SUPERSEDED, error=str(exc))
             logger.warning("run %d (%s) superseded: %s", run_id, trigger, exc)
         except StorageError as exc:
             # The report is public: the endpoint or a file's path is only in the log.
-            report = self._failed(run_id, trigger, started, f"object store error: {exc}")
+            report = self._failed(run_id, trigger, self._started, f"object store error: {exc}")
             logger.warning("run %d (%s) failed: object store error: %s", run_id, trigger, exc.for_log())
         except Exception:  # an unexpected bug: log it once with its traceback, keep serving
             logger.exception("run %d (%s) failed unexpectedly", run_id, trigger)
-            report = self._failed(run_id, trigger, started, "internal error (see the service log)")
+            report = self._failed(run_id, trigger, self._started, "internal error (see the service log)")
         else:
             report = replace(result.report, run_id=run_id, trigger=trigger, replica=self.replica)
             self._on_commit(replace(result, report=report))
@@ -120,17 +138,26 @@ class Runner:
             await self._on_report(report)
         return report
 
-    async def _aggregate(self, run_id: int, trigger: str) -> RunResult:
+    async def _aggregate(self, run_id: int, trigger: str, optional: bool = False) -> RunResult:
         """One aggregation, holding the lease when there is one (waiting while another replica runs:
-        the caller still gets a run that started after its call)."""
+        the caller still gets a run that started after its call; `LeaseBusy` instead when `optional`).
+
+        `_started` is when the run began: when it got the lease (a run that waited did not run before,
+        so the shared history shows no overlap), or when it last asked for it.
+        """
         progress = self._progress_for(run_id)
+        self._started = datetime.now(UTC)
         if self._lease is None:
             return await self._aggregator.run(progress)
         while True:
             try:
+                self._started = datetime.now(UTC)
                 async with self._lease.hold(run_id) as holding:
+                    self._started = datetime.now(UTC)
                     return await self._aggregator.run(progress, fence=holding.check)
             except LeaseBusy as busy:
+                if optional:
+                    raise
                 logger.info("run %d (%s) waits: %s", run_id, trigger, busy)
                 await asyncio.sleep(self._lease_poll)
 

@@ -15,12 +15,9 @@ import itertools
 import logging
 import os
 import random
-import re
 import signal
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,8 +26,23 @@ import aiohttp
 import pandas as pd
 import pytest
 from aiohttp.test_utils import TestClient
+from faultkit import (
+    MANIFEST,
+    NEVER,
+    OUTPUT,
+    SRC,
+    FaultProxy,
+    Request,
+    Service,
+    change_some,
+    numbered_csv,
+    output_ids,
+    put_all,
+    rebuild,
+    user_objects,
+)  # fmt: skip
 from s3server import BucketPool, SeaweedServer, free_ports
-from support import put_with_customer_key
+from support import ClientFactory, put_with_customer_key
 
 from service import manifest as mf
 from service import output
@@ -39,82 +51,9 @@ from service.app import create_app
 from service.config import Settings
 from service.errors import StorageError
 from service.minio_store import MinioStore
-from service.storage import ObjectInfo, ObjectStore
+from service.storage import ObjectInfo
 
 pytestmark = pytest.mark.s3
-
-ROOT = Path(__file__).resolve().parents[1]
-SRC = "src-data/"
-OUTPUT = "processed_data/output.csv"
-MANIFEST = OUTPUT + ".manifest"
-NEVER = "0 0 1 1 *"  # the schedule stays out of the way unless a test wants it
-BIRTH_BASE_MS = 315_532_800_000  # 1980-01-01
-DAY_MS = 86_400_000
-ClientFactory = Callable[..., Awaitable[TestClient[Any, Any]]]
-
-
-# -- data --------------------------------------------------------------------------------------
-
-
-def user_csv(user_id: int, version: int = 0) -> bytes:
-    birthts = BIRTH_BASE_MS + (user_id % 9000) * DAY_MS + version
-    return f"first_name,last_name,birthts\nFirst{user_id}v{version},Last{user_id},{birthts}\n".encode()
-
-
-def user_objects(ids: range | list[int], version: int = 0, *, images: bool = True) -> dict[str, bytes]:
-    """Each user's CSV and, for every third user, an image."""
-    objects: dict[str, bytes] = {}
-    for user_id in ids:
-        objects[f"{SRC}{user_id}.csv"] = user_csv(user_id, version)
-        if images and user_id % 3 == 0:
-            objects[f"{SRC}img/{user_id}.png"] = b"\x89PNG fake " + str(user_id).encode()
-    return objects
-
-
-async def put_all(store: ObjectStore, objects: dict[str, bytes], concurrency: int = 64) -> None:
-    semaphore = asyncio.Semaphore(concurrency)
-
-    async def put(key: str, data: bytes) -> None:
-        async with semaphore:
-            await store.put(key, data)
-
-    await asyncio.gather(*(put(key, data) for key, data in objects.items()))
-
-
-async def delete_all(store: ObjectStore, keys: list[str]) -> None:
-    semaphore = asyncio.Semaphore(64)
-
-    async def delete(key: str) -> None:
-        async with semaphore:
-            await store.delete(key)
-
-    await asyncio.gather(*(delete(key) for key in keys))
-
-
-async def change_some(store: ObjectStore, ids: set[int], rng: random.Random, count: int) -> set[int]:
-    """Overwrite `count` users, delete `count // 4` and add `count // 4` new ones; returns the new id set."""
-    existing = sorted(ids)
-    overwritten = rng.sample(existing, count)
-    deleted = rng.sample(sorted(ids - set(overwritten)), count // 4)
-    added = list(range(max(ids) + 1, max(ids) + 1 + count // 4))
-    await put_all(store, {**user_objects(overwritten, version=1), **user_objects(added)})
-    await delete_all(store, [f"{SRC}{user_id}.csv" for user_id in deleted])
-    return (ids - set(deleted)) | set(added)
-
-
-def output_ids(data: bytes) -> list[str]:
-    rows = list(csv.reader(io.StringIO(data.decode())))
-    assert rows[0] == ["user_id", "first_name", "last_name", "birthts", "img_path"]
-    return [row[0] for row in rows[1:]]
-
-
-async def rebuild(store: ObjectStore, key: str) -> bytes:
-    """A from-scratch rebuild by a fresh aggregator into another output key."""
-    aggregator = Aggregator(store, src_prefix=SRC, output_key=key, concurrency=64)
-    result = await aggregator.run()
-    assert result.report.full_rebuild
-    return await store.get(key)
-
 
 # -- the app in process ------------------------------------------------------------------------
 
@@ -171,117 +110,6 @@ async def bucket_store(seaweed: SeaweedServer, seaweed_buckets: BucketPool) -> A
         yield store
     finally:
         await store.close()
-
-
-# -- a fault-injecting TCP proxy ---------------------------------------------------------------
-
-_REQUEST_LINE = re.compile(rb"(GET|PUT|HEAD|POST|DELETE) (/\S*) HTTP/1\.[01]\r\n")
-
-
-@dataclass(frozen=True)
-class Request:
-    method: str
-    path: str  # without the query string
-
-
-class FaultProxy:
-    """Forwards 127.0.0.1:<port> to the S3 server, chunk by chunk, with switches for faults.
-
-    `delay`: seconds to wait before forwarding each chunk (both directions). `blackhole`: accept and
-    read, never forward or answer. `drop_connections()`: reset every open connection. `hold`: a
-    request it matches is never forwarded (its connection hangs) and `held` is set. Requests seen
-    are recorded from their request lines; `on_request` is called before one is forwarded.
-    """
-
-    def __init__(self, target: str) -> None:
-        host, _, port = target.rpartition(":")
-        self._target = (host, int(port))
-        self.delay = 0.0
-        self.blackhole = False
-        self.hold: Callable[[Request], bool] | None = None
-        self.held = asyncio.Event()
-        self.on_request: Callable[[Request], None] | None = None
-        self.requests: list[Request] = []
-        self._server: asyncio.Server | None = None
-        self._transports: set[asyncio.BaseTransport] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
-
-    @property
-    def endpoint(self) -> str:
-        assert self._server is not None
-        return f"127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
-
-    async def start(self) -> FaultProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        return self
-
-    def count(self, method: str, path_prefix: str) -> int:
-        return sum(1 for r in self.requests if r.method == method and r.path.startswith(path_prefix))
-
-    def drop_connections(self) -> None:
-        for transport in list(self._transports):
-            transport.abort()
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        self.drop_connections()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._transports.add(writer.transport)
-        upstream: asyncio.StreamWriter | None = None
-        try:
-            if self.blackhole:
-                while await reader.read(65536):
-                    pass
-                return
-            up_reader, upstream = await asyncio.open_connection(*self._target)
-            self._transports.add(upstream.transport)
-            pipes = [
-                asyncio.ensure_future(self._pipe(reader, upstream, from_client=True)),
-                asyncio.ensure_future(self._pipe(up_reader, writer, from_client=False)),
-            ]
-            try:
-                await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for pipe in pipes:
-                    pipe.cancel()
-                await asyncio.gather(*pipes, return_exceptions=True)
-        except OSError:
-            pass
-        finally:
-            for side in (writer, upstream):
-                if side is not None:
-                    side.transport.abort()
-                    self._transports.discard(side.transport)
-            self._tasks.discard(task)
-
-    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, from_client: bool) -> None:
-        with contextlib.suppress(OSError):
-            while chunk := await reader.read(65536):
-                if from_client:
-                    for match in _REQUEST_LINE.finditer(chunk):
-                        request = Request(match[1].decode(), match[2].decode().partition("?")[0])
-                        self.requests.append(request)
-                        if self.on_request is not None:
-                            self.on_request(request)
-                        if self.hold is not None and self.hold(request):
-                            self.held.set()
-                            await asyncio.Event().wait()  # never forwarded; cancelled on close
-                if self.blackhole:
-                    continue
-                if self.delay:
-                    await asyncio.sleep(self.delay)
-                writer.write(chunk)
-                await writer.drain()
 
 
 @pytest.fixture
@@ -516,38 +344,6 @@ async def test_store_unreachable_mid_life_fails_the_run_reports_no_endpoint_and_
 # -- 3. the service process is SIGKILLed during a run ------------------------------------------
 
 
-class Service:
-    """`python -m service ...` as a subprocess, with its output in files."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    @classmethod
-    async def start(cls, args: list[str], env: dict[str, str], log: Path) -> Service:
-        base = {k: v for k, v in os.environ.items() if not k.startswith(("MINIO_", "API_TOKEN"))}
-        with log.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "service", *args,
-                cwd=ROOT, env=base | env, stdin=asyncio.subprocess.DEVNULL, stdout=out, stderr=out,
-            )  # fmt: skip
-        return cls(proc, log)
-
-    def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.send_signal(signal.SIGKILL)
-
-    async def wait(self, within: float) -> int:
-        return await asyncio.wait_for(self.proc.wait(), within)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    async def close(self) -> None:
-        self.kill()
-        await self.proc.wait()
-
-
 async def test_service_killed_mid_run_converges_on_the_next_run(
     seaweed: SeaweedServer, bucket_store: MinioStore, proxy: FaultProxy, tmp_path: Path
 ) -> None:
@@ -759,7 +555,7 @@ async def test_shutdown_during_a_scheduled_run_logs_no_error(
     client = await aiohttp_client(create_app(Settings(schedule="* * * * * *"), store=store))
     await wait_ready(client)
     store.gate_after = 1  # the next run, a scheduled one, blocks on its first fetch
-    await bucket_store.put(f"{SRC}5.csv", user_csv(5, version=1))
+    await bucket_store.put(f"{SRC}5.csv", numbered_csv(5, version=1))
     await asyncio.wait_for(store.reached.wait(), 5.0)
     caplog.clear()
     await client.close()  # shutdown with the scheduled run in flight
@@ -810,7 +606,7 @@ async def test_schedule_mutations_and_posts_at_once_never_overlap(
     async def keep_changing() -> None:
         for version in itertools.count(2):
             user_id = rng.randrange(300)
-            await bucket_store.put(f"{SRC}{user_id}.csv", user_csv(user_id, version))
+            await bucket_store.put(f"{SRC}{user_id}.csv", numbered_csv(user_id, version))
             await asyncio.sleep(0.05)
 
     async def call(i: int) -> tuple[datetime, dict[str, Any]]:
@@ -870,8 +666,8 @@ async def test_an_object_the_store_refuses_is_rejected_and_the_run_goes_on(
     client = await aiohttp_client(create_app(Settings(schedule=NEVER), store=bucket_store))
     await wait_ready(client)
     # User 2's file is replaced by one encrypted with a customer key (SSE-C) the service does not have.
-    await put_with_customer_key(seaweed, bucket_store.bucket, f"{SRC}2.csv", user_csv(2, version=1))
-    await put_all(bucket_store, {f"{SRC}6.csv": user_csv(6), f"{SRC}4.csv": user_csv(4, version=1)})
+    await put_with_customer_key(seaweed, bucket_store.bucket, f"{SRC}2.csv", numbered_csv(2, version=1))
+    await put_all(bucket_store, {f"{SRC}6.csv": numbered_csv(6), f"{SRC}4.csv": numbered_csv(4, version=1)})
 
     fields = "outcome error added updated users rejected { key reason }"
     run = (await gql(client, f"mutation {{ reprocess {{ {fields} }} }}"))["data"]["reprocess"]
