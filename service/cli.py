@@ -207,20 +207,27 @@ async def _serve_until_stopped(settings: Settings) -> None:
 
 
 def _serve_workers(settings: Settings) -> int:
-    """WORKERS processes on one port, run by gunicorn (see `service.workers`). The port is bound here, as
-    with one process: a port in use is the same one line, at once (gunicorn would retry it for 5 s)."""
+    """WORKERS processes on one port, run by gunicorn (see `service.workers`). The port is reserved here:
+    a port in use is the same one line as with one process, at once (gunicorn would retry it for 5 s),
+    and the URL is printed once the first worker listens."""
     if settings.replica_id is not None:
         raise ConfigError(
             f"REPLICA_ID names one process, but WORKERS={settings.workers} starts several: leave REPLICA_ID "
             "unset, and each worker is named by its host and process id"
         )
-    from .workers import Workers  # gunicorn: only this path needs it
+    from .workers import Workers, reserve  # gunicorn: only this path needs it
 
     importlib.import_module(".app", __package__)  # before the fork: the workers share it, none imports it
-    listener = _bind(settings.host, settings.port)
-    banner = _banner(settings, int(listener.getsockname()[1]))
+    try:
+        family, _, _, _, address = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        held = reserve(family, address)
+    except OSError as exc:
+        raise _cannot_listen(settings.host, settings.port, exc) from None
+    banner = _banner(settings, int(held.getsockname()[1]))
     make_runner = functools.partial(_app_runner, settings)
-    Workers(listener, settings.workers, make_runner, on_ready=lambda: print(banner, flush=True)).run()
+    Workers(held, settings.workers, make_runner, on_listening=lambda: print(banner, flush=True)).run()
     return 0  # not reached: gunicorn's master ends the process when it stops
 
 
@@ -246,15 +253,6 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
     except OSError as exc:
         raise _cannot_listen(host, port, exc) from None
     return int(runner.addresses[0][1])
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on HOST:PORT (its first address), with the options asyncio gives a server's."""
-    try:
-        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-        return socket.create_server(address, family=family)
-    except OSError as exc:
-        raise _cannot_listen(host, port, exc) from None
 
 
 def _cannot_listen(host: str, port: int, exc: OSError) -> ServiceError:

@@ -4,9 +4,15 @@ A Python process answers requests on one core. To use more, `serve` runs gunicor
 worker class, as aiohttp's deployment docs recommend, rather than a process manager of its own:
 gunicorn's master starts the workers, replaces one that dies or stops answering its heartbeat, and
 stops them all on SIGINT or SIGTERM (each worker shuts its application down as `serve` does with one
-process). Each worker builds its application after the fork, so each one is a replica with a name of
-its own (host and process id), its own connections to the store, lease, follower and schedule; the
-bucket keeps them consistent (README, "Scaling out").
+process).
+
+Each worker listens on the one port with a socket of its own (SO_REUSEPORT), and the kernel spreads
+new connections evenly over them. On one shared socket, the worker that wakes first would accept a
+whole burst of connections (asyncio accepts all that wait) and keep them while the others idle.
+
+Each worker builds its application after the fork, so each one is a replica with a name of its own
+(host and process id), its own connections to the store, lease, follower and schedule; the bucket
+keeps them consistent (README, "Scaling out").
 """
 
 from __future__ import annotations
@@ -36,6 +42,26 @@ class ServiceLog(Logger):  # type: ignore[misc]  # gunicorn has no type hints
             log.propagate = True
 
 
+def reserve(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
+    """`address` held for the workers' sockets: bound with SO_REUSEPORT, as theirs are, and not listening,
+    so that no connection waits on it. It is bound without SO_REUSEPORT first, which fails while anything
+    else listens on the port, another group of SO_REUSEPORT sockets included; then the port is known
+    (the one chosen for port 0), and held until the master exits, so that a restarted worker finds it."""
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(address)
+        address = probe.getsockname()
+    held = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind(address)
+    except OSError:
+        held.close()
+        raise
+    return held
+
+
 def leave_interrupts_to_the_master(worker: Any) -> None:
     """Ctrl-C reaches every process of the terminal's foreground group, and the master, on its SIGINT,
     tells each worker to stop (SIGQUIT). A worker that acted on both could get the second signal while
@@ -49,19 +75,28 @@ class Workers(BaseApplication):  # type: ignore[misc]
 
     def __init__(
         self,
-        listener: socket.socket,
+        held: socket.socket,
         workers: int,
         make_runner: Callable[[], web.AppRunner],
-        on_ready: Callable[[], None],
+        on_listening: Callable[[], None],
     ) -> None:
+        self._held = held  # open for as long as the master runs: see `reserve`
         self._make_runner = make_runner
+        host, port = held.getsockname()[:2]
+
+        def announce(arbiter: Any, worker: Any) -> None:
+            """In the first worker, once its socket listens (gunicorn binds it before this hook): from
+            then on, a connection waits for a worker rather than being refused."""
+            if worker.age == 1:
+                on_listening()
+
         self._options: dict[str, object] = {
-            # The socket the caller bound: gunicorn listens on it, and the workers inherit it.
-            "bind": [f"fd://{listener.detach()}"],
+            "bind": [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"],
+            "reuse_port": True,  # each worker binds a socket of its own to the held address
             "workers": workers,
             "worker_class": WORKER_CLASS,
             "logger_class": ServiceLog,
-            "when_ready": lambda arbiter: on_ready(),
+            "post_fork": announce,
             "post_worker_init": leave_interrupts_to_the_master,
             # gunicorn's control socket (a file under $HOME) serves a tool the service does not use;
             # the image's user has no home to put it in.

@@ -323,6 +323,11 @@ def test_workers_answer_on_one_port_as_replicas_and_stop_together(tmp_path: Path
             replicas = replicas_ready(url, 2)
             workers = {int(replica.rpartition(":")[2]) for replica in replicas}
             assert {parent_of(pid) for pid in workers} == {proc.pid}  # two processes of this `serve`
+            port = url.rpartition(":")[2]
+            again = cli("serve", env=settings | {"PORT": port})  # the workers' sockets join no other group
+            assert (again.returncode, again.stderr.splitlines()[-1]) == (
+                1, f"error: cannot listen on 127.0.0.1:{port} (HOST, PORT): address already in use"
+            )  # fmt: skip
             # SIGTERM goes to the master (as from `docker stop`); Ctrl-C in a terminal reaches every
             # process of the foreground group.
             for pid in [proc.pid, *(sorted(workers) if signum == signal.SIGINT else [])]:
