@@ -9,7 +9,6 @@ import importlib
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Sequence
 from typing import TextIO
@@ -219,10 +218,7 @@ def _serve_workers(settings: Settings) -> int:
 
     importlib.import_module(".app", __package__)  # before the fork: the workers share it, none imports it
     try:
-        family, _, _, _, address = socket.getaddrinfo(
-            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        held = reserve(family, address)
+        held = reserve(settings.host, settings.port)
     except OSError as exc:
         raise _cannot_listen(settings.host, settings.port, exc) from None
     banner = _banner(settings, int(held.getsockname()[1]))

@@ -42,11 +42,13 @@ class ServiceLog(Logger):  # type: ignore[misc]  # gunicorn has no type hints
             log.propagate = True
 
 
-def reserve(family: socket.AddressFamily, address: tuple[Any, ...]) -> socket.socket:
-    """`address` held for the workers' sockets: bound with SO_REUSEPORT, as theirs are, and not listening,
-    so that no connection waits on it. It is bound without SO_REUSEPORT first, which fails while anything
-    else listens on the port, another group of SO_REUSEPORT sockets included; then the port is known
-    (the one chosen for port 0), and held until the master exits, so that a restarted worker finds it."""
+def reserve(host: str, port: int) -> socket.socket:
+    """HOST:PORT (its first address) held for the workers' sockets: bound with SO_REUSEPORT, as theirs
+    are, and not listening, so that no connection waits on it. It is bound without SO_REUSEPORT first,
+    which fails while anything else listens on the port, another group of SO_REUSEPORT sockets included;
+    then the port is known (the one chosen for port 0), and held until the master exits, so that a
+    restarted worker finds it."""
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(address)
