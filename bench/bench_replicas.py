@@ -532,8 +532,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--follow-interval", type=float, default=2.0, help="(b): FOLLOW_INTERVAL of B")
     parser.add_argument("--takeovers", type=int, default=5, help="(c): rounds that count")
     parser.add_argument("--lease-ttl", type=float, default=3.0, help="(c): LEASE_TTL of A and B")
-    parser.add_argument("--changed", type=int, default=2_000, help="(c): CSVs rewritten before A's run")
-    parser.add_argument("--kill-after", type=float, default=0.2, help="(c): s from A's lease to its SIGKILL")
+    parser.add_argument("--changed", type=int, help="(c): CSVs rewritten before A's run (2,000, at most --users)")
+    parser.add_argument("--kill-after", type=float, default=0.1, help="(c): s from A's lease to its SIGKILL")
     parser.add_argument("--data-dir", type=Path, help="keep (and reuse) the demo data here")
     parser.add_argument("--only", choices=["a", "b", "c"], action="append", help="run these parts only")
     return parser.parse_args()
@@ -541,6 +541,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    args.changed = min(2_000, args.users) if args.changed is None else args.changed
     if shutil.which("wrk") is None and (args.only is None or "a" in args.only):
         raise SystemExit("wrk is needed for (a): apt-get install -y wrk")
     print(machine_line())
