@@ -340,10 +340,17 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    snapshot = request.app[STATE].snapshot
+    """Whether data is served, and by which replica: behind a load balancer, or with WORKERS, the replicas
+    take turns answering."""
+    state = request.app[STATE]
+    replica, snapshot = state.runner.replica, state.snapshot
     if snapshot is None:
-        return web.json_response({"status": "not ready", "reason": "no data loaded yet"}, status=503)
-    return web.json_response({"status": "ready", "version": snapshot.version, "users": len(snapshot)})
+        return web.json_response(
+            {"status": "not ready", "reason": "no data loaded yet", "replica": replica}, status=503
+        )
+    return web.json_response(
+        {"status": "ready", "version": snapshot.version, "users": len(snapshot), "replica": replica}
+    )
 
 
 _STATUS: tuple[tuple[type[Exception], int], ...] = (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
+import importlib
 import json
 import os
 import signal
@@ -183,27 +185,61 @@ async def _write_demo(settings: Settings, args: argparse.Namespace) -> None:
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    if settings.workers > 1:
+        return _serve_workers(settings)
     asyncio.run(_serve_until_stopped(settings))
     return 0
 
 
 async def _serve_until_stopped(settings: Settings) -> None:
     """Listen, then print where, then serve until SIGINT or SIGTERM, then shut down gracefully."""
-    from .app import create_app  # the schema: only this command needs it
-
     stopped = asyncio.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(signum, stopped.set)
-    # keepalive_timeout: web.run_app's, which served before
-    runner = web.AppRunner(create_app(settings), access_log_class=logs.AccessLogger, keepalive_timeout=75.0)
+    runner = _app_runner(settings)
     await runner.setup()
     try:
         port = await _listen(runner, settings.host, settings.port)
-        shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
-        print(f"GraphiQL: http://{_address(shown, port)}/graphql   REST: /data /stats", flush=True)
+        print(_banner(settings, port), flush=True)
         await stopped.wait()
     finally:
         await runner.cleanup()
+
+
+def _serve_workers(settings: Settings) -> int:
+    """WORKERS processes on one port, run by gunicorn (see `service.workers`). The port is reserved here:
+    a port in use is the same one line as with one process, at once (gunicorn would retry it for 5 s),
+    and the URL is printed once the first worker listens."""
+    if settings.replica_id is not None:
+        raise ConfigError(
+            f"REPLICA_ID names one process, but WORKERS={settings.workers} starts several: leave REPLICA_ID "
+            "unset, and each worker is named by its host and process id"
+        )
+    from .workers import Workers, reserve  # gunicorn: only this path needs it
+
+    importlib.import_module(".app", __package__)  # before the fork: the workers share it, none imports it
+    try:
+        held = reserve(settings.host, settings.port)
+    except OSError as exc:
+        raise _cannot_listen(settings.host, settings.port, exc) from None
+    banner = _banner(settings, int(held.getsockname()[1]))
+    make_runner = functools.partial(_app_runner, settings)
+    Workers(held, settings.workers, make_runner, on_listening=lambda: print(banner, flush=True)).run()
+    return 0  # not reached: gunicorn's master ends the process when it stops
+
+
+def _app_runner(settings: Settings) -> web.AppRunner:
+    """The application as it is served, by `serve` itself or by each worker."""
+    from .app import create_app  # the schema: only this command needs it
+
+    # keepalive_timeout: web.run_app's, which served before
+    return web.AppRunner(create_app(settings), access_log_class=logs.AccessLogger, keepalive_timeout=75.0)
+
+
+def _banner(settings: Settings, port: int) -> str:
+    shown = "localhost" if settings.host in ("0.0.0.0", "::") else settings.host  # noqa: S104
+    where = f"GraphiQL: http://{_address(shown, port)}/graphql   REST: /data /stats"
+    return where if settings.workers == 1 else f"{where}   ({settings.workers} worker processes)"
 
 
 async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
@@ -212,9 +248,13 @@ async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
     try:
         await web.TCPSite(runner, host, port).start()
     except OSError as exc:
-        reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or type(exc).__name__
-        raise ServiceError(f"cannot listen on {_address(host, port)} (HOST, PORT): {reason.lower()}") from None
+        raise _cannot_listen(host, port, exc) from None
     return int(runner.addresses[0][1])
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> ServiceError:
+    reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else exc.strerror or type(exc).__name__
+    return ServiceError(f"cannot listen on {_address(host, port)} (HOST, PORT): {reason.lower()}")
 
 
 def _address(host: str, port: int) -> str:

@@ -9,6 +9,8 @@ import signal
 import socket
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -239,15 +241,24 @@ def busy_port() -> Iterator[int]:
         yield taken.getsockname()[1]
 
 
-def test_a_port_in_use_is_one_line_naming_the_settings(tmp_path: Path, busy_port: int) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_port_in_use_is_one_line_naming_the_settings(tmp_path: Path, busy_port: int, workers: str) -> None:
     env = {"DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": str(busy_port), "SCHEDULE": NEVER}
-    result = cli("serve", env=env)
+    result = cli("serve", env=env | {"WORKERS": workers})
     assert result.returncode == 1
     assert result.stdout == ""  # no banner: nothing listens
     assert "Traceback" not in result.stderr
+    assert "gunicorn" not in result.stderr  # no worker started, no retries logged
     assert result.stderr.splitlines()[-1] == (
         f"error: cannot listen on 127.0.0.1:{busy_port} (HOST, PORT): address already in use"
     )
+
+
+def test_workers_are_named_by_process_not_by_replica_id(tmp_path: Path) -> None:
+    env = {"DATA_DIR": str(tmp_path), "PORT": "0", "WORKERS": "2", "REPLICA_ID": "node-a"}
+    result = cli("serve", env=env)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.startswith("configuration error: REPLICA_ID names one process, but WORKERS=2 starts")
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
@@ -271,6 +282,69 @@ def test_serve_prints_where_it_listens_and_stops_on_a_signal(tmp_path: Path, sig
     assert proc.returncode == 0, stderr
     assert stdout == ""
     assert not [word for word in ("Traceback", "Unclosed", "destroyed") if word in stderr], stderr
+
+
+def replicas_ready(url: str, count: int, within: float = 60.0) -> set[str]:
+    """Ask `/readyz` on new connections until `count` replicas have said ready (each request goes to
+    whichever worker accepts it first)."""
+    ready: set[str] = set()
+    deadline = time.monotonic() + within
+    for _ in range(2_000):
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", timeout=10) as response:
+                ready.add(json.load(response)["replica"])
+        except urllib.error.HTTPError as exc:  # 503: not ready yet
+            exc.close()
+        if len(ready) >= count or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert len(ready) >= count, f"replicas ready after {within}s: {ready}"
+    return ready
+
+
+def parent_of(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=lambda signum: signum.name)
+def test_workers_answer_on_one_port_as_replicas_and_stop_together(tmp_path: Path, signum: signal.Signals) -> None:
+    user_file(tmp_path, 1, "Ada")
+    settings = {"DATA_DIR": str(tmp_path), "HOST": "127.0.0.1", "PORT": "0", "SCHEDULE": NEVER, "WORKERS": "2"}
+    env = own_environment(settings | {"LOG_FORMAT": "json"})
+    command = [sys.executable, "-m", "service", "serve"]
+    with subprocess.Popen(
+        command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            banner = proc.stdout.readline()  # once the port is bound, before the workers start
+            assert banner.endswith("   (2 worker processes)\n"), banner
+            url = banner.split()[1].removesuffix("/graphql")
+            replicas = replicas_ready(url, 2)
+            workers = {int(replica.rpartition(":")[2]) for replica in replicas}
+            assert {parent_of(pid) for pid in workers} == {proc.pid}  # two processes of this `serve`
+            port = url.rpartition(":")[2]
+            again = cli("serve", env=settings | {"PORT": port})  # the workers' sockets join no other group
+            assert (again.returncode, again.stderr.splitlines()[-1]) == (
+                1, f"error: cannot listen on 127.0.0.1:{port} (HOST, PORT): address already in use"
+            )  # fmt: skip
+            # SIGTERM goes to the master (as from `docker stop`); Ctrl-C in a terminal reaches every
+            # process of the foreground group.
+            for pid in [proc.pid, *(sorted(workers) if signum == signal.SIGINT else [])]:
+                os.kill(pid, signum)
+            stopping = time.monotonic()
+            stdout, stderr = proc.communicate(timeout=45)
+            stopped_in = time.monotonic() - stopping
+        finally:
+            proc.kill()
+    assert proc.returncode == 0, stderr
+    assert stdout == "" and stopped_in < 30
+    records = [json.loads(line) for line in stderr.splitlines()]  # gunicorn's lines too: LOG_FORMAT applies
+    assert not [r for r in records if r["level"] in ("error", "critical") or "exception" in r], stderr
+    messages = {r["message"] for r in records}
+    assert {f"Worker exiting (pid: {pid})" for pid in workers} | {"Shutting down: Master"} <= messages
+    assert not [word for word in ("Traceback", "Unclosed", "destroyed") if word in stderr], stderr
+    assert not [pid for pid in workers if Path(f"/proc/{pid}").exists()], "a worker outlived the master"
 
 
 @pytest.mark.parametrize(

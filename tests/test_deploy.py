@@ -1,4 +1,4 @@
-"""Deployment files: Dockerfile, .dockerignore, docker-compose.yml and .env.example.
+"""Deployment files: Dockerfile, .dockerignore, docker-compose.yml, .env.example and deploy/nginx.conf.
 
 No Docker engine is needed (or called): the files are parsed and checked against the code they deploy.
 Compose's variable interpolation is emulated so that the environment each container would get can be
@@ -602,7 +602,7 @@ def test_config_variable_scan_finds_the_documented_names() -> None:
 
 
 def test_compose_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"minio", "init", "service"}
+    assert set(compose["services"]) == {"minio", "init", "service", "nginx"}
 
 
 def test_minio_service(compose: dict[str, Any]) -> None:
@@ -649,19 +649,37 @@ def test_init_loads_demo_data_once_with_the_service_image(compose: dict[str, Any
     assert init["restart"] == "no"
 
 
-def test_service_ports_dependencies_and_restart(
-    stages: dict[str, Stage], compose: dict[str, Any], dot_env: dict[str, str]
-) -> None:
+def test_service_ports_dependencies_and_restart(stages: dict[str, Stage], compose: dict[str, Any]) -> None:
     service = compose["services"]["service"]
-    assert resolve(service["ports"], dot_env) == ["127.0.0.1:8080:8080"]
-    assert container_port(service["ports"][0]) == Settings().port
+    assert [int(port) for port in service["expose"]] == [Settings().port]
     assert stages["final"].one("EXPOSE").args == str(Settings().port)
-    assert "PORT" not in environment(service), "the published port relies on the default PORT"
+    assert "PORT" not in environment(service), "nginx relies on the default PORT"
     assert service["depends_on"] == {
         "minio": {"condition": "service_healthy"},
         "init": {"condition": "service_completed_successfully"},
     }
     assert service["restart"] == "unless-stopped"
+
+
+def test_the_service_scales(compose: dict[str, Any]) -> None:
+    """`docker compose up --scale service=3`: a published host port would be taken by the first replica,
+    a container name can be given once, and a fixed host name would name every replica alike (a replica
+    is named by host name and process id, and the process id is the same in every container)."""
+    service = compose["services"]["service"]
+    assert not {"ports", "container_name", "hostname"} & set(service)
+    assert "deploy" not in service, "the number of replicas is --scale's to choose"
+
+
+def test_nginx_publishes_the_service(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
+    nginx = compose["services"]["nginx"]
+    assert resolve(nginx["ports"], dot_env) == ["127.0.0.1:8080:8080"]
+    assert nginx["depends_on"] == {"service": {"condition": "service_started"}}
+    assert nginx["restart"] == "unless-stopped"
+    assert not environment(nginx) and "build" not in nginx
+    # `resolve` on an upstream server: open-source nginx has it from 1.27.3
+    version = re.fullmatch(r"nginx:(\d+)\.(\d+)\.(\d+)-alpine", nginx["image"])
+    assert version, f"pin nginx to a release: {nginx['image']}"
+    assert tuple(map(int, version.groups())) >= (1, 27, 3)
 
 
 @pytest.mark.parametrize("name", ["init", "service"])
@@ -695,9 +713,9 @@ def test_optional_variables_pass_through(compose: dict[str, Any], dot_env: dict[
     unset = {key: dot_env[key] for key in CREDENTIALS}
     defaults = load_settings(resolve(env, unset))
     assert defaults.api_token is None and defaults.schedule == Settings().schedule
-    assert defaults.published_address == "127.0.0.1"
-    custom = load_settings(resolve(env, {**unset, "API_TOKEN": "tok-123", "SCHEDULE": "0 * * * *"}))
-    assert custom.api_token == "tok-123" and custom.schedule == "0 * * * *"
+    assert defaults.published_address == "127.0.0.1" and defaults.workers == 1
+    custom = load_settings(resolve(env, {**unset, "API_TOKEN": "tok-123", "SCHEDULE": "0 * * * *", "WORKERS": "2"}))
+    assert custom.api_token == "tok-123" and custom.schedule == "0 * * * *" and custom.workers == 2
 
 
 @pytest.mark.parametrize("missing", CREDENTIALS)
@@ -741,7 +759,7 @@ def test_publishing_beyond_loopback_needs_an_api_token(
 ) -> None:
     service = compose["services"]["service"]
     chosen = {**dot_env, "PUBLISHED_ADDRESS": address}
-    (mapping,) = resolve(service["ports"], chosen)
+    (mapping,) = resolve(compose["services"]["nginx"]["ports"], chosen)
     assert mapping == f"{address}:8080:8080"
     env = resolve(environment(service), chosen)
     assert env["PUBLISHED_ADDRESS"] == address, "the service must be told where its port is published"
@@ -774,3 +792,115 @@ def test_env_example_defines_exactly_what_compose_interpolates(compose_text: str
     assert re.search(r"#.*change me.*\n(#.*\n)*MINIO_ROOT_PASSWORD=", example, re.IGNORECASE)
     assert len(example_env["MINIO_ROOT_USER"]) >= 3
     assert ".env" in (ROOT / ".gitignore").read_text(encoding="utf-8").splitlines()
+
+
+# --- deploy/nginx.conf ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Directive:
+    """One nginx directive: `name args;`, or `name args { block }`."""
+
+    name: str
+    args: list[str]
+    block: list[Directive] | None = None
+
+    def all(self, name: str) -> list[Directive]:
+        return [d for d in self.block or [] if d.name == name]
+
+    def one(self, name: str) -> Directive:
+        found = self.all(name)
+        assert len(found) == 1, f"{self.name} {self.args}: expected one {name}, found {len(found)}"
+        return found[0]
+
+
+_NGINX_TOKEN = re.compile(
+    r"#[^\n]*|'(?P<single>[^']*)'|\"(?P<double>[^\"]*)\"|(?P<punct>[{};])|(?P<word>[^\s{};'\"#]+)"
+)
+
+
+def parse_nginx(text: str) -> Directive:
+    """nginx's configuration syntax, as a root `Directive` whose block is the file; comments are dropped and
+    a quoted argument loses its quotes (`''` is an empty argument)."""
+    root = Directive("", [], [])
+    stack, words = [root], []
+    for match in _NGINX_TOKEN.finditer(text):
+        if match.lastgroup is None:
+            continue  # a comment
+        token = match[match.lastgroup]
+        if match.lastgroup != "punct":
+            words.append(token)
+        elif token == "}":
+            assert not words and len(stack) > 1, f"unexpected }} after {words}"
+            stack.pop()
+        else:
+            assert words, f"{token!r} without a directive"
+            directive = Directive(words[0], words[1:], [] if token == "{" else None)
+            parent = stack[-1].block
+            assert parent is not None
+            parent.append(directive)
+            if token == "{":
+                stack.append(directive)
+            words = []
+    assert len(stack) == 1 and not words, "unbalanced braces or a directive without ';'"
+    return root
+
+
+@pytest.fixture(scope="module")
+def nginx_conf(compose: dict[str, Any]) -> Directive:
+    """The file compose hands nginx, where the image's `http` block includes it."""
+    (config,) = compose["services"]["nginx"]["configs"]
+    assert re.fullmatch(r"/etc/nginx/conf\.d/[\w.-]+\.conf", config["target"]), config
+    path = ROOT / compose["configs"][config["source"]]["file"]
+    assert path.resolve().is_relative_to(ROOT) and path.is_file(), path
+    return parse_nginx(path.read_text(encoding="utf-8"))
+
+
+def test_the_nginx_parser_reads_blocks_quotes_and_comments() -> None:
+    parsed = parse_nginx("a 1 '' \"x y\"; # c ; {\nb { c; d e; }\n")
+    assert parsed.block == [
+        Directive("a", ["1", "", "x y"]),
+        Directive("b", [], [Directive("c", []), Directive("d", ["e"])]),
+    ]
+    for broken in ("a {", "a }", "a", "{ }"):
+        with pytest.raises(AssertionError):
+            parse_nginx(broken)
+
+
+def test_nginx_balances_over_every_replica(
+    compose: dict[str, Any], dot_env: dict[str, str], nginx_conf: Directive
+) -> None:
+    (upstream,) = nginx_conf.all("upstream")
+    (server,) = upstream.all("server")
+    host, _, port = server.args[0].rpartition(":")
+    assert host == "service" and host in compose["services"]
+    assert int(port) == Settings().port
+    # Replicas come and go with --scale: their addresses are asked of Docker's DNS again and again.
+    assert "resolve" in server.args[1:] and upstream.all("zone")
+    assert nginx_conf.one("resolver").args[0] == "127.0.0.11"
+    assert upstream.all("keepalive")
+    (site,) = nginx_conf.all("server")
+    (mapping,) = resolve(compose["services"]["nginx"]["ports"], dot_env)
+    assert site.one("listen").args == [str(container_port(mapping))]
+    (location,) = site.all("location")
+    assert location.args == ["/"]
+    assert location.one("proxy_pass").args == [f"http://{upstream.args[0]}"]
+
+
+def _nginx_seconds(value: str) -> float:
+    match = re.fullmatch(r"(\d+)(ms|s|m|h|d)?", value)
+    assert match, f"not an nginx time: {value!r}"
+    return int(match[1]) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600, "d": 86400}[match[2]]
+
+
+def test_nginx_passes_websockets_and_waits_for_runs(nginx_conf: Directive) -> None:
+    location = nginx_conf.one("server").one("location")
+    assert location.one("proxy_http_version").args == ["1.1"]  # needed for keep-alive and upgrades
+    headers = {d.args[0].lower(): d.args[1] for d in location.all("proxy_set_header")}
+    assert headers["upgrade"] == "$http_upgrade"
+    (table,) = [d for d in nginx_conf.all("map") if d.args == ["$http_upgrade", headers["connection"]]]
+    entries = {d.name: d.args for d in table.block or []}
+    # An upgrade is passed on; any other request sends no Connection header, keeping the connection alive.
+    assert entries == {"default": ["upgrade"], "": [""]}
+    # A reprocess answers when its run is over: a first run of 1,000,000 users took 352 s.
+    assert _nginx_seconds(location.one("proxy_read_timeout").args[0]) >= 600
