@@ -19,7 +19,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
 
-from . import graphiql, rest
+from . import graphiql, intake, rest
 from .aggregator import Aggregator, Progress, RunResult
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
@@ -99,6 +99,9 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
     app.cleanup_ctx.extend([_close_store, _serve_runs, _start_up, _follow, _schedule])  # cleaned up in reverse
+    if settings.events_token is not None:  # without a token, bucket events have no route
+        app.cleanup_ctx.append(_take_events)
+        intake.add_routes(app, bucket=app[STORE].bucket, token=settings.events_token, metrics=metrics)
     schema = build_schema(
         [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
     )
@@ -134,6 +137,9 @@ async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
     async def on_report(report: RunReport) -> None:
         metrics.observe_run(report)
         events.publish(RunFinished(report))
+        if (taken := app.get(intake.INTAKE)) is not None:
+            taken.observe(report)
+            metrics.observe_backfill(report)
 
     aggregator = Aggregator.from_settings(store, settings)
     runner = Runner(
@@ -151,6 +157,19 @@ async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
     app[STARTUP] = _StartUp(aggregator, history, lease)
     yield
     await runner.close()
+
+
+async def _take_events(app: web.Application) -> AsyncIterator[None]:
+    """Bucket events (EVENTS_TOKEN set): the queue `POST /events` fills, and its loop of targeted runs."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    taken = intake.EventIntake(app[STATE].runner, src_prefix=settings.src_prefix, window=settings.events_window)
+    metrics.needs_listing.set_function(lambda: float(taken.needs_listing))
+    app[intake.INTAKE] = taken
+    task = asyncio.create_task(taken.serve(), name="events")
+    task.add_done_callback(_log_failure)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _start_up(app: web.Application) -> AsyncIterator[None]:
