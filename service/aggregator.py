@@ -365,7 +365,7 @@ class Aggregator:
             return None
         replaced = state.manifest["key"].isin(keys).to_numpy()
         if prefixes:
-            replaced |= state.manifest["key"].str.startswith(prefixes).to_numpy()
+            replaced = replaced | state.manifest["key"].str.startswith(prefixes).to_numpy()
         listing = _splice(state.manifest.loc[~replaced, mf.LISTING_COLUMNS], fresh)
         found, named_keys = results.misnamed, set(keys)
         kept = {k: v for k, v in self._misnamed.items() if k not in named_keys and not k.startswith(prefixes)}

@@ -98,9 +98,11 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[SETTINGS] = settings
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
-    app.cleanup_ctx.extend([_close_store, _serve_runs, _start_up, _follow, _schedule])  # cleaned up in reverse
-    if settings.events_token is not None:  # without a token, bucket events have no route
-        app.cleanup_ctx.append(_take_events)
+    # Cleaned up in reverse. Bucket events (only with a token: without one they have no route) are taken
+    # from before the first run, which then covers whatever happened while the service was down.
+    events = [_take_events] if settings.events_token is not None else []
+    app.cleanup_ctx.extend([_close_store, _serve_runs, *events, _start_up, _follow, _schedule])
+    if settings.events_token is not None:
         intake.add_routes(app, bucket=app[STORE].bucket, token=settings.events_token, metrics=metrics)
     schema = build_schema(
         [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size

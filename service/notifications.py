@@ -8,8 +8,9 @@ Two payloads are understood:
   for one: the service's own GETs would come back as events) are ignored.
 - SeaweedFS's filer webhook: `{"event_type": "create|update|delete|rename", "key": "/buckets/<bucket>/
   <key>", "message": {"old_entry": ..., "new_entry": ..., "new_parent_path": ...}}`. `key` is the old
-  path (the new one for a creation); a rename also names the new path. An event about a folder names
-  the folder: the filer sends no event for the files it held.
+  path (the new one for a creation); a rename also names the new path. A folder that is deleted or
+  renamed is named as a folder, whose files are all looked at again (the filer need not send an event
+  for each file it held); that a folder was created or touched says nothing about any file.
 
 A notification says that a key may have changed, not what it holds now: the run that follows asks the
 store. So a late, repeated or reordered event does no harm.
@@ -28,6 +29,7 @@ from .errors import BadRequest
 
 MINIO_CHANGES = ("s3:ObjectCreated:", "s3:ObjectRemoved:")
 SEAWEED_EVENTS = frozenset({"create", "update", "delete", "rename"})
+SEAWEED_FOLDER_CHANGES = frozenset({"delete", "rename"})
 SEAWEED_BUCKETS = "/buckets/"
 """Where the SeaweedFS filer keeps S3 buckets (its default `buckets_folder`)."""
 
@@ -101,15 +103,16 @@ def _seaweed(payload: dict[str, Any], bucket: str) -> Notice:
     if not isinstance(message, dict):
         raise BadRequest("message must be an object")
     old, new = _entry(message, "old_entry"), _entry(message, "new_entry")
-    paths = [(path, _is_folder(old if old is not None else new))]
-    if new is not None:
-        paths.append((_new_path(message, new, path), _is_folder(new)))
+    paths = {path: _is_folder(old if old is not None else new)}
+    if new is not None:  # the same path but for a rename
+        paths.setdefault(_new_path(message, new, path), _is_folder(new))
     keys: set[str] = set()
     prefixes: set[str] = set()
     ignored = 0
     root = f"{SEAWEED_BUCKETS}{bucket}"
-    for filer_path, folder in paths:
-        if filer_path != root and not filer_path.startswith(root + "/"):
+    for filer_path, folder in paths.items():
+        outside = filer_path != root and not filer_path.startswith(root + "/")
+        if outside or (folder and event_type not in SEAWEED_FOLDER_CHANGES):
             ignored += 1
         elif folder:
             prefixes.add(filer_path.removeprefix(root).strip("/") + "/" if filer_path != root else "")
