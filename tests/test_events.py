@@ -28,7 +28,7 @@ from service import manifest as mf
 from service.aggregator import Aggregator, RunResult, Targets
 from service.app import create_app, scheduled_run
 from service.config import Settings
-from service.errors import BadRequest, StorageError
+from service.errors import BadRequest, ObjectUnreadable, StorageError
 from service.intake import EventIntake
 from service.local_store import LocalStore
 from service.notifications import parse
@@ -284,6 +284,36 @@ def test_seaweedfs_payloads_name_keys_and_folders() -> None:
     assert not system.targets and system.ignored == 1
     with pytest.raises(BadRequest, match="event_type"):
         parse(b'{"event_type": 1, "key": "/", "message": {}}', BUCKET)
+
+
+async def test_a_targeted_run_lists_when_it_must(local: LocalStore) -> None:
+    """A process's first run, a folder that holds the whole prefix, a key the store will not stat."""
+    aggregator = Aggregator(local, src_prefix="src-data/", output_key=OUTPUT, concurrency=4)
+    one = Targets(frozenset({"src-data/1000.csv"}))
+    assert (await aggregator.run(targets=one)).report.kind is RunKind.FULL, "nothing to start from"
+    assert (await aggregator.run(targets=one)).report.kind is RunKind.TARGETED
+    whole = Targets(frozenset(), frozenset({"src-data/"}))
+    assert (await aggregator.run(targets=whole)).report.kind is RunKind.FULL
+    locked = "src-data/locked.csv"
+    await local.put(locked, csv_of("locked", years_ago(20)))
+    stat, get = local.stat, local.get
+
+    async def refusing_stat(key: str) -> Any:
+        if key == locked:
+            raise ObjectUnreadable(f"cannot read {key!r}: permission denied")
+        return await stat(key)
+
+    async def refusing_get(key: str, max_bytes: int | None = None) -> bytes:
+        if key == locked:
+            raise ObjectUnreadable(f"cannot read {key!r}: permission denied")
+        return await get(key, max_bytes)
+
+    local.stat, local.get = refusing_stat, refusing_get  # type: ignore[method-assign]
+    result = await aggregator.run(targets=Targets(frozenset({locked})))
+    assert result.report.kind is RunKind.FULL, "a listing shows it, and the run rejects it"
+    assert [(f.key, f.reason.startswith("unreadable")) for f in result.rejected.page(slice(None))] == [
+        ("src-data/broken.csv", False), (locked, True),
+    ]  # fmt: skip
 
 
 # --- the queue: bounded, and a listing when anything was lost ------------------------------------------------
