@@ -537,7 +537,9 @@ class _Scan:
 
 def _splice(kept: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
     """`kept` (ordered by key, as listed) with the rows of `fresh` put in key order: the listing a full
-    run would have made, so that an unchanged manifest still compares equal to the stored one."""
+    run would have made, so that an unchanged manifest still compares equal to the stored one. (A store
+    that lists in another order, as SeaweedFS does across folders, gets the same rows; the next full
+    run may then write the manifest again.)"""
     fresh = fresh.sort_values("key", kind="stable")
     at = np.searchsorted(kept["key"].to_numpy(), fresh["key"].to_numpy())
     order = np.insert(np.arange(len(kept)), at, np.arange(len(kept), len(kept) + len(fresh)))
