@@ -1,11 +1,17 @@
-"""The incremental aggregator: list, diff against the manifest, fetch what changed, derive, commit."""
+"""The incremental aggregator: list, diff against the manifest, fetch what changed, derive, commit.
+
+A targeted run does the same for the keys that bucket events named: instead of listing the prefix, it
+starts from the previous manifest's listing rows and replaces the rows of those keys with what a stat
+of each says now (a key that is gone loses its row). Merge, rules, derivation and commit are shared,
+so a targeted run's output is the one a full run would write.
+"""
 
 from __future__ import annotations
 
 import array
 import asyncio
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -16,11 +22,11 @@ from . import manifest as mf
 from . import output as out
 from .config import Settings
 from .errors import InvalidKey, ObjectNotFound, ObjectUnreadable, PreconditionFailed, ServiceError
-from .keys import Kind, ignored_reason
+from .keys import Kind, classify, ignored_reason
 from .memory import release_free_heap
 from .parsing import FUTURE_SUFFIX, MAX_CSV_BYTES, Rejected, parse_user_csv
-from .report import Outcome, RejectedFiles, RunReport
-from .storage import ObjectInfo, ObjectStore
+from .report import Outcome, RejectedFiles, RunKind, RunReport
+from .storage import ObjectInfo, ObjectStore, check_key
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,25 @@ class Progress:
 ProgressCallback = Callable[[Progress], None]
 Fence = Callable[[], None]
 """Called before each commit write; raises to stop the commit (e.g. `LeaseLost`)."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a targeted run looks at: object keys, and folders (`prefixes`, ending in `/`) whose every
+    object is listed again (a file system's event for a folder says nothing about its files)."""
+
+    keys: frozenset[str] = frozenset()
+    prefixes: frozenset[str] = frozenset()
+
+    def __or__(self, other: Targets) -> Targets:
+        return Targets(self.keys | other.keys, self.prefixes | other.prefixes)
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.prefixes)
+
+
+class _NeedsListing(ServiceError):
+    """A named key that only a listing can describe (the store refuses to stat it): list the prefix."""
 
 
 class Superseded(ServiceError):
@@ -160,6 +185,9 @@ class Aggregator:
         #: The manifest ETag of the commit this process's last successful run ended on (written by it, or
         #: found unchanged): what that run served. None before such a run.
         self.committed_etag: str | None = None
+        # Misnamed source keys (reported as rejected, not in the manifest) as of this process's last
+        # run; None until a full run found them all, so a process's first run lists.
+        self._misnamed: dict[str, str] | None = None
 
     @classmethod
     def from_settings(cls, store: ObjectStore, settings: Settings) -> Aggregator:
@@ -169,23 +197,34 @@ class Aggregator:
             concurrency=settings.fetch_concurrency,
         )  # fmt: skip
 
-    async def run(self, progress: ProgressCallback | None = None, fence: Fence | None = None) -> RunResult:
+    async def run(
+        self,
+        progress: ProgressCallback | None = None,
+        fence: Fence | None = None,
+        targets: Targets | None = None,
+    ) -> RunResult:
         """One run; raises `StorageError` when the store fails (the previous commit stays intact),
         `Superseded` when another run committed meanwhile, or what `fence` raises before a write.
 
-        The report's identity (run id, trigger, replica) is the runner's to give: it is left unset here.
+        With `targets`, only those keys are looked at (a targeted run), unless there is no manifest to
+        start from, or a key needs a listing: then the run lists the prefix like any other. The report's
+        identity (run id, trigger, replica) is the runner's to give: it is left unset here.
         """
         started = self._clock()
         now_ms = _ms(started)
         state = await self._load_state(now_ms)
-        listing, ignored, results = await self._scan(state.manifest, now_ms, progress)
-        listed, fetched, misnamed = len(listing) + ignored, len(results), results.misnamed
-        ignored -= len(misnamed)  # reported as rejected, with their reason
-        fresh = await asyncio.to_thread(results.to_frame)
-        del results  # the lists behind the frame: tens of MiB at a million users
+        scan = await self._scan_targets(state, targets, now_ms, progress) if targets is not None else None
+        if scan is None:
+            scan = await self._scan_all(state.manifest, now_ms, progress)
+        listed, fetched, ignored, kind = scan.listed, len(scan.results), scan.ignored, scan.kind  # before _compute
+        misnamed = scan.misnamed
+        fresh = await asyncio.to_thread(scan.results.to_frame)
+        listing = scan.listing
+        del scan  # the lists behind the frame: tens of MiB at a million users
         computed = await asyncio.to_thread(_compute, listing, state, fresh, misnamed)
         del listing, fresh  # at a million users these are hundreds of MiB: not needed for the commit
         version, written = await self._commit(state, computed, fence)
+        self._misnamed = misnamed
         changes, output = computed.changes, computed.output
         report = RunReport(
             run_id=0,
@@ -209,6 +248,7 @@ class Aggregator:
             rejected=computed.rejected.sample(),
             conflicts=computed.conflicts,
             warnings=tuple(state.warnings),
+            kind=kind,
         )
         return RunResult(report=report, table=output, rejected=computed.rejected)
 
@@ -300,10 +340,82 @@ class Aggregator:
             warnings.append(f"{dropped} rows of {self.output_key} break the input rules: not kept")
         return mf.Seed(rows=table.set_index("user_id"), written=mf.mtime_ns(output.last_modified))
 
+    async def _scan_all(self, previous: pd.DataFrame, now_ms: int, progress: ProgressCallback | None) -> _Scan:
+        """A full run's scan: list the prefix."""
+        listing, ignored, results = await self._scan(previous, self._store.list(self._prefix), now_ms, progress)
+        misnamed = results.misnamed
+        return _Scan(listing, results, len(listing) + ignored, ignored - len(misnamed), RunKind.FULL, misnamed)
+
+    async def _scan_targets(
+        self, state: _State, targets: Targets, now_ms: int, progress: ProgressCallback | None
+    ) -> _Scan | None:
+        """A targeted run's scan: the previous manifest's listing rows, with those of the named keys and
+        folders replaced by what the store says now. None when only a listing will do: no manifest to
+        start from, no full run yet in this process (misnamed keys are known from one), a folder that
+        holds the whole prefix, or a key the store will not stat."""
+        if state.full_rebuild or self._misnamed is None:
+            return None
+        named = self._relevant(targets)
+        if named is None:
+            return None
+        keys, prefixes = named
+        try:
+            fresh, ignored, results = await self._scan(state.manifest, self._named(keys, prefixes), now_ms, progress)
+        except _NeedsListing as exc:
+            logger.info("a targeted run lists %s instead: %s", self._prefix, exc)
+            return None
+        replaced = state.manifest["key"].isin(keys).to_numpy()
+        if prefixes:
+            replaced = replaced | state.manifest["key"].str.startswith(prefixes).to_numpy()
+        listing = _splice(state.manifest.loc[~replaced, mf.LISTING_COLUMNS], fresh)
+        found, named_keys = results.misnamed, set(keys)
+        kept = {k: v for k, v in self._misnamed.items() if k not in named_keys and not k.startswith(prefixes)}
+        listed = len(fresh) + ignored
+        return _Scan(listing, results, listed, ignored - len(found), RunKind.TARGETED, kept | found)
+
+    def _relevant(self, targets: Targets) -> tuple[list[str], tuple[str, ...]] | None:
+        """The named keys and folders under the prefix that can change the view; None when a folder
+        holds the whole prefix. Other keys (the service's own output, manifest, lease and history
+        among them: they are never under the prefix) are ignored."""
+        if any(self._prefix.startswith(prefix) for prefix in targets.prefixes):
+            return None
+        prefixes = tuple(sorted(p for p in targets.prefixes if p.startswith(self._prefix)))
+        keys = sorted(
+            key
+            for key in targets.keys
+            if key.startswith(self._prefix)
+            and not key.startswith(prefixes)  # listed with its folder
+            and (classify(key).kind is not Kind.IGNORED or ignored_reason(key) is not None)
+        )
+        return keys, prefixes
+
+    async def _named(self, keys: list[str], prefixes: tuple[str, ...]) -> AsyncIterator[list[ObjectInfo]]:
+        """The named keys as a listing shows them (a key that is gone is left out), a page of stats at a
+        time, then each folder's listing."""
+        for start in range(0, len(keys), self._concurrency):
+            page = await asyncio.gather(*(self._stat_named(key) for key in keys[start : start + self._concurrency]))
+            yield [info for info in page if info is not None]
+        for prefix in prefixes:
+            async for listed in self._store.list(prefix):
+                yield listed
+
+    async def _stat_named(self, key: str) -> ObjectInfo | None:
+        """What the store says about `key` now: events can come late, twice, or out of order."""
+        try:
+            return await self._store.stat(check_key(key))
+        except ObjectNotFound:
+            return None
+        except (InvalidKey, ObjectUnreadable) as exc:  # a listing shows it, and the run rejects it
+            raise _NeedsListing(f"{key[:200]!r} cannot be looked at alone ({exc})") from exc
+
     async def _scan(
-        self, previous: pd.DataFrame, now_ms: int, progress: ProgressCallback | None
+        self,
+        previous: pd.DataFrame,
+        pages: AsyncIterator[list[ObjectInfo]],
+        now_ms: int,
+        progress: ProgressCallback | None,
     ) -> tuple[pd.DataFrame, int, _Results]:
-        """List the prefix; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
+        """Go through `pages`; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
         # A file rejected only for a future birthts may become valid with time: fetch it again.
         # So may a file the store refused to hand over (its permissions or encryption may be fixed).
         reasons = previous["reason"]
@@ -311,7 +423,7 @@ class Aggregator:
         diff = mf.Diff(previous, refetch=refetch.to_numpy())
         queue: asyncio.Queue[str | None] = asyncio.Queue(maxsize=self._concurrency * 2)
         results = _Results()
-        pages: list[pd.DataFrame] = []
+        frames: list[pd.DataFrame] = []
         counts = {"listed": 0, "ignored": 0, "to_fetch": 0}
 
         def report_progress() -> None:
@@ -319,10 +431,10 @@ class Aggregator:
                 progress(Progress(counts["listed"], counts["to_fetch"], len(results)))
 
         async def produce() -> None:
-            async for page in self._store.list(self._prefix):
+            async for page in pages:
                 frame, ignored = mf.listing_frame(page)
                 frame, changed = diff.compare(frame)
-                pages.append(frame)
+                frames.append(frame)
                 counts["listed"] += len(page)
                 for key in ignored:  # a source file's name that breaks a key rule is refused with its reason
                     if (reason := ignored_reason(key)) is not None:
@@ -346,7 +458,7 @@ class Aggregator:
                 report_progress()
 
         await _run_all([produce(), *(fetch() for _ in range(self._concurrency))])
-        listing = pd.concat(pages, ignore_index=True) if pages else mf.empty(mf.LISTING_COLUMNS)
+        listing = pd.concat(frames, ignore_index=True) if frames else mf.empty(mf.LISTING_COLUMNS)
         if results.vanished:
             listing = listing[~listing["key"].isin(results.vanished)]
         return listing, counts["ignored"], results
@@ -413,6 +525,30 @@ class Aggregator:
             return await self._store.put(key, data, content_type, if_match=found)
         except PreconditionFailed as exc:
             raise Superseded(f"{key} was committed by another run meanwhile: this run commits nothing more") from exc
+
+
+@dataclass
+class _Scan:
+    """What a run looked at: the listing rows it merges and the CSVs it fetched."""
+
+    listing: pd.DataFrame
+    results: _Results
+    listed: int  # objects stat'ed or listed
+    ignored: int  # of those, objects that are no user file or image (misnamed ones are rejected instead)
+    kind: RunKind
+    misnamed: dict[str, str]  # every misnamed source key known after this run: key -> why
+
+
+def _splice(kept: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
+    """`kept` (ordered by key, as listed) with the rows of `fresh` put in key order: the listing a full
+    run would have made, so that an unchanged manifest still compares equal to the stored one. (A store
+    that lists in another order, as SeaweedFS does across folders, gets the same rows; the next full
+    run may then write the manifest again.)"""
+    fresh = fresh.sort_values("key", kind="stable")
+    at = np.searchsorted(kept["key"].to_numpy(), fresh["key"].to_numpy())
+    order = np.insert(np.arange(len(kept)), at, np.arange(len(kept), len(kept) + len(fresh)))
+    both = pd.concat([kept, fresh], ignore_index=True)
+    return both.take(order).reset_index(drop=True)
 
 
 @dataclass(frozen=True)

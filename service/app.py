@@ -20,7 +20,7 @@ from strawberry.exceptions import ConnectionRejectionError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.types.unset import UNSET, UnsetType
 
-from . import dashboard, graphiql, rest
+from . import dashboard, graphiql, intake, rest
 from .aggregator import Aggregator, Committed, Progress, RunResult
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
@@ -99,7 +99,12 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     app[SETTINGS] = settings
     app[STORE] = store if store is not None else open_store(settings)
     app[METRICS] = metrics
-    app.cleanup_ctx.extend([_close_store, _serve_runs, _start_up, _follow, _schedule])  # cleaned up in reverse
+    # Cleaned up in reverse. Bucket events (only with a token: without one they have no route) are taken
+    # from before the first run, which then covers whatever happened while the service was down.
+    events = [_take_events] if settings.events_token is not None else []
+    app.cleanup_ctx.extend([_close_store, _serve_runs, *events, _start_up, _follow, _schedule])
+    if settings.events_token is not None:
+        intake.add_routes(app, bucket=app[STORE].bucket, token=settings.events_token, metrics=metrics)
     schema = build_schema(
         [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
     )
@@ -136,6 +141,9 @@ async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
     async def on_report(report: RunReport) -> None:
         metrics.observe_run(report)
         events.publish(RunFinished(report))
+        if (taken := app.get(intake.INTAKE)) is not None:
+            taken.observe(report)
+            metrics.observe_backfill(report)
 
     aggregator = Aggregator.from_settings(store, settings)
     runner = Runner(
@@ -153,6 +161,19 @@ async def _serve_runs(app: web.Application) -> AsyncIterator[None]:
     app[STARTUP] = _StartUp(aggregator, history, lease)
     yield
     await runner.close()
+
+
+async def _take_events(app: web.Application) -> AsyncIterator[None]:
+    """Bucket events (EVENTS_TOKEN set): the queue `POST /events` fills, and its loop of targeted runs."""
+    settings, metrics = app[SETTINGS], app[METRICS]
+    taken = intake.EventIntake(app[STATE].runner, src_prefix=settings.src_prefix, window=settings.events_window)
+    metrics.needs_listing.set_function(lambda: float(taken.needs_listing))
+    app[intake.INTAKE] = taken
+    task = asyncio.create_task(taken.serve(), name="events")
+    task.add_done_callback(_log_failure)
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _start_up(app: web.Application) -> AsyncIterator[None]:

@@ -148,6 +148,9 @@ class Settings:
     port: int = _setting("PORT", 8080, _integer(0, 65535))
     schedule: str = _setting("SCHEDULE", "*/5 * * * *", _schedule)
     api_token: str | None = _setting("API_TOKEN", None, _text, secret=True)
+    # Bucket events (POST /events) are accepted only with this token; unset, the route does not exist.
+    events_token: str | None = _setting("EVENTS_TOKEN", None, _text, secret=True)
+    events_window: float = _setting("EVENTS_WINDOW", 0.3, _fraction(0, 60))
     published_address: str | None = _setting("PUBLISHED_ADDRESS", None, _text)
     max_page_size: int = _setting("MAX_PAGE_SIZE", DEFAULT_MAX_PAGE_SIZE, _integer(1, 1_000_000))
     max_image_bytes: int = _setting("MAX_IMAGE_BYTES", DEFAULT_MAX_IMAGE_BYTES, _integer(1, 1 << 40))

@@ -14,7 +14,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from strawberry.extensions import SchemaExtension
 from strawberry.schema.base import BaseSchema
 
-from .report import RunReport
+from .report import Outcome, RunKind, RunReport
 
 _FAST = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 _SLOW = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
@@ -47,6 +47,18 @@ class Metrics:
             "follower_lag_seconds", "From a commit by another replica to this replica serving it",
             buckets=(0.5, 1, 2, 3, 5, 10, 30, 60, 300), registry=r,
         )  # fmt: skip
+        self.events = Counter(
+            "bucket_events", "Keys named by bucket events: queued, ignored, or dropped when the queue overflowed",
+            ["outcome"], registry=r,
+        )  # fmt: skip
+        self.needs_listing = Gauge(
+            "events_needs_listing", "1 while bucket events may have been lost since the last full run", registry=r
+        )
+        self.backfill = Counter(
+            "events_backfill_changes",
+            "Output rows a full run changed while bucket events were on: changes the events did not deliver",
+            ["change"], registry=r,
+        )  # fmt: skip
 
     def _snapshot_age(self) -> float:
         return float("nan") if self._committed_at is None else time.time() - self._committed_at
@@ -57,6 +69,18 @@ class Metrics:
         for stage, value in (("listed", report.listed), ("fetched", report.fetched)):
             self.objects.labels(stage).set(value)
         self.objects.labels("rejected").set(report.rejected_count)
+
+    def observe_events(self, *, queued: int, ignored: int, overflowed: bool) -> None:
+        self.events.labels("dropped" if overflowed else "queued").inc(queued)
+        self.events.labels("ignored").inc(ignored)
+
+    def observe_backfill(self, report: RunReport) -> None:
+        """A full run's changes, with events on: each is one an event should have delivered first (or
+        one whose targeted run had not started yet). A run without a manifest, which adds every row,
+        says nothing about events."""
+        if report.kind is RunKind.FULL and report.outcome is Outcome.SUCCEEDED and not report.full_rebuild:
+            for change in ("added", "updated", "removed"):
+                self.backfill.labels(change).inc(getattr(report, change))
 
     def observe_lease(self, event: str) -> None:
         self.lease_events.labels(event=event).inc()

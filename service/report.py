@@ -27,6 +27,14 @@ class Outcome(enum.StrEnum):
     SUPERSEDED = "superseded"  # another run committed meanwhile (or the lease was lost): nothing committed
 
 
+class RunKind(enum.StrEnum):
+    """What a run looked at: the whole source prefix (`full`), or only the keys bucket events named
+    (`targeted`); both go through the same merge, rules and commit."""
+
+    FULL = "full"
+    TARGETED = "targeted"
+
+
 @dataclass(frozen=True, slots=True)
 class RejectedFile:
     key: str
@@ -109,6 +117,7 @@ class RunReport:
     conflicts: tuple[Conflict, ...] = ()
     warnings: tuple[str, ...] = field(default_factory=tuple)
     replica: str = ""  # the replica that ran it (the history is shared by all replicas)
+    kind: RunKind = RunKind.FULL
 
     @property
     def duration_seconds(self) -> float:
@@ -126,6 +135,7 @@ class RunReport:
                 "started_at": datetime.fromisoformat(data["started_at"]),
                 "finished_at": datetime.fromisoformat(data["finished_at"]),
                 "outcome": Outcome(data["outcome"]),
+                "kind": RunKind(data.get("kind", RunKind.FULL)),  # entries from before targeted runs were full
                 "rejected_count": int(data.get("rejected_count", len(rejected))),
                 "rejected": tuple(heapq.nsmallest(REJECTED_SAMPLE, rejected, key=attrgetter("key"))),
                 "conflicts": tuple(

@@ -1,4 +1,9 @@
-"""Exactly one aggregation at a time; triggers during a run coalesce into one follow-up run."""
+"""Exactly one aggregation at a time; triggers during a run coalesce into one follow-up run.
+
+A request names the keys it is about (a targeted run) or none (a full run). Requests that wait for the
+same follow-up run merge: targeted ones into one run over all their keys, and any full request makes
+the follow-up a full run, which covers every key.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +14,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import UTC, datetime
 
-from .aggregator import Aggregator, Progress, ProgressCallback, RunResult, Superseded
+from .aggregator import Aggregator, Progress, ProgressCallback, RunResult, Superseded, Targets
 from .errors import NotReady, ServiceError, StorageError
 from .history import HistoryStore
 from .lease import Lease, LeaseBusy, LeaseLost
-from .report import Outcome, RejectedFiles, RunReport
+from .report import Outcome, RejectedFiles, RunKind, RunReport
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +57,7 @@ class Runner:
         self._pending: asyncio.Future[RunReport | None] | None = None
         self._pending_trigger = ""
         self._pending_optional = False  # may be dropped while another replica runs (see `run_unless_busy`)
+        self._pending_targets: Targets | None = None  # None: a full run
         self._loop_task: asyncio.Task[None] | None = None
         self._closed = False
         self._held = held
@@ -69,27 +75,37 @@ class Runner:
     def last_report(self) -> RunReport | None:
         return self.history[-1] if self.history else None
 
-    async def run(self, trigger: str) -> RunReport:
-        """Request a run and wait for its report; callers during a run share the next one."""
-        report = await self._request(trigger, optional=False)
+    async def run(self, trigger: str, targets: Targets | None = None) -> RunReport:
+        """Request a run and wait for its report; callers during a run share the next one.
+
+        With `targets`, a run that looks at those keys at least: a targeted run, or a full one when a
+        full run was requested for the same turn (full wins).
+        """
+        report = await self._request(trigger, optional=False, targets=targets)
         assert report is not None  # only a run that every caller lets go is dropped
         return report
 
     async def run_unless_busy(self, trigger: str) -> RunReport | None:
         """Like `run`, but the run is dropped (None) when, as it is due, another replica holds the lease:
         that replica is running now. Not dropped when a `run` caller shares it."""
-        return await self._request(trigger, optional=True)
+        return await self._request(trigger, optional=True, targets=None)
 
-    async def _request(self, trigger: str, *, optional: bool) -> RunReport | None:
+    async def _request(self, trigger: str, *, optional: bool, targets: Targets | None) -> RunReport | None:
         if self._closed:
             raise RunnerClosed("the service is shutting down")
         if self._held:
             raise NotReady("the service is starting: the object store has not been reachable yet")
         if self._pending is None:
             self._pending = asyncio.get_running_loop().create_future()
-            self._pending_trigger, self._pending_optional = trigger, optional
+            self._pending_trigger, self._pending_optional, self._pending_targets = trigger, optional, targets
         else:
             self._pending_optional = self._pending_optional and optional
+            if targets is None:
+                if self._pending_targets is not None:  # the follow-up becomes a full run: named for its trigger
+                    self._pending_trigger = trigger
+                self._pending_targets = None
+            elif self._pending_targets is not None:
+                self._pending_targets |= targets
         pending = self._pending
         if self._loop_task is None or self._loop_task.done():
             self._loop_task = asyncio.create_task(self._loop(), name="aggregation-runner")
@@ -97,34 +113,37 @@ class Runner:
 
     async def _loop(self) -> None:
         while self._pending is not None:
-            pending, trigger, optional = self._pending, self._pending_trigger, self._pending_optional
+            pending, trigger = self._pending, self._pending_trigger
+            optional, targets = self._pending_optional, self._pending_targets
             self._pending = None
             try:
-                report = await self._execute(trigger, optional)
+                report = await self._execute(trigger, optional, targets)
             except asyncio.CancelledError:
                 pending.set_exception(RunnerClosed("the run was cancelled by shutdown"))
                 raise
             pending.set_result(report)
 
-    async def _execute(self, trigger: str, optional: bool = False) -> RunReport | None:
+    async def _execute(self, trigger: str, optional: bool, targets: Targets | None) -> RunReport | None:
         run_id, self._next_id = self._next_id, self._next_id + 1
+        kind = RunKind.FULL if targets is None else RunKind.TARGETED
         try:
-            result = await self._aggregate(run_id, trigger, optional)
+            result = await self._aggregate(run_id, trigger, optional, targets)
         except LeaseBusy as busy:  # only when optional
             self._next_id = run_id  # no run: its number is not taken
             logger.info("%s run skipped: %s", trigger, busy)
             return None
         except (Superseded, LeaseLost) as exc:
-            started = self._started
-            report = RunReport(run_id, trigger, started, datetime.now(UTC), Outcome.SUPERSEDED, error=str(exc))
+            report = RunReport(
+                run_id, trigger, self._started, datetime.now(UTC), Outcome.SUPERSEDED, error=str(exc), kind=kind
+            )
             logger.warning("run %d (%s) superseded: %s", run_id, trigger, exc)
         except StorageError as exc:
             # The report is public: the endpoint or a file's path is only in the log.
-            report = self._failed(run_id, trigger, self._started, f"object store error: {exc}")
+            report = self._failed(run_id, trigger, self._started, f"object store error: {exc}", kind)
             logger.warning("run %d (%s) failed: object store error: %s", run_id, trigger, exc.for_log())
         except Exception:  # an unexpected bug: log it once with its traceback, keep serving
             logger.exception("run %d (%s) failed unexpectedly", run_id, trigger)
-            report = self._failed(run_id, trigger, self._started, "internal error (see the service log)")
+            report = self._failed(run_id, trigger, self._started, "internal error (see the service log)", kind)
         else:
             report = replace(result.report, run_id=run_id, trigger=trigger, replica=self.replica)
             self._on_commit(replace(result, report=report))
@@ -138,7 +157,7 @@ class Runner:
             await self._on_report(report)
         return report
 
-    async def _aggregate(self, run_id: int, trigger: str, optional: bool = False) -> RunResult:
+    async def _aggregate(self, run_id: int, trigger: str, optional: bool, targets: Targets | None) -> RunResult:
         """One aggregation, holding the lease when there is one (waiting while another replica runs:
         the caller still gets a run that started after its call; `LeaseBusy` instead when `optional`).
 
@@ -148,13 +167,13 @@ class Runner:
         progress = self._progress_for(run_id)
         self._started = datetime.now(UTC)
         if self._lease is None:
-            return await self._aggregator.run(progress)
+            return await self._aggregator.run(progress, targets=targets)
         while True:
             try:
                 self._started = datetime.now(UTC)
                 async with self._lease.hold(run_id) as holding:
                     self._started = datetime.now(UTC)
-                    return await self._aggregator.run(progress, fence=holding.check)
+                    return await self._aggregator.run(progress, fence=holding.check, targets=targets)
             except LeaseBusy as busy:
                 if optional:
                     raise
@@ -188,8 +207,8 @@ class Runner:
             self._next_id = max(self._next_id, max(own) + 1)
 
     @staticmethod
-    def _failed(run_id: int, trigger: str, started: datetime, error: str) -> RunReport:
-        return RunReport(run_id, trigger, started, datetime.now(UTC), Outcome.FAILED, error=error)
+    def _failed(run_id: int, trigger: str, started: datetime, error: str, kind: RunKind) -> RunReport:
+        return RunReport(run_id, trigger, started, datetime.now(UTC), Outcome.FAILED, error=error, kind=kind)
 
     async def close(self) -> None:
         """Stop accepting runs and cancel the one in flight (its writes are atomic: no partial output)."""
@@ -205,9 +224,10 @@ class Runner:
 
 def _log_report(report: RunReport) -> None:
     logger.info(
-        "run %d (%s) %s in %.2fs: listed=%d fetched=%d added=%d updated=%d removed=%d rejected=%d users=%d",
-        report.run_id, report.trigger, report.outcome.value, report.duration_seconds, report.listed,
-        report.fetched, report.added, report.updated, report.removed, report.rejected_count, report.users,
+        "run %d (%s) %s in %.2fs: kind=%s listed=%d fetched=%d added=%d updated=%d removed=%d rejected=%d users=%d",
+        report.run_id, report.trigger, report.outcome.value, report.duration_seconds, report.kind.value,
+        report.listed, report.fetched, report.added, report.updated, report.removed, report.rejected_count,
+        report.users,
     )  # fmt: skip
 
 

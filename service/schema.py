@@ -198,6 +198,12 @@ class RunOutcome(enum.Enum):
     SUPERSEDED = "superseded"
 
 
+@strawberry.enum(description="What a run looked at: the whole source prefix, or the keys bucket events named.")
+class RunKind(enum.Enum):
+    FULL = "full"
+    TARGETED = "targeted"
+
+
 @strawberry.type
 class RejectedFile:
     key: str
@@ -257,6 +263,8 @@ class ProcessingRun:
     )
     conflicts: list[Conflict]
     replica: str = strawberry.field(description="The replica that ran it: the history is shared by all replicas.")
+    kind: RunKind = strawberry.field(description="FULL: it listed the source prefix; TARGETED: it looked only at the "
+                                     "keys that bucket events named.")  # fmt: skip
 
     @classmethod
     def from_report(cls, report: RunReport) -> ProcessingRun:
@@ -271,6 +279,7 @@ class ProcessingRun:
             rejected_count=report.rejected_count,
             rejected=[RejectedFile(key=r.key, reason=r.reason) for r in report.rejected],
             conflicts=[Conflict.from_domain(c) for c in report.conflicts], replica=report.replica,
+            kind=RunKind(report.kind.value),
         )  # fmt: skip
 
 

@@ -2,7 +2,9 @@
 
 One process holds master, volume, filer, S3, admin and a maintenance worker; every port it opens
 is chosen free on 127.0.0.1, data and the log (`weed.log`) live in a temporary directory, and S3
-accepts only the generated key pair (an identity in `s3.json`, passed with `-s3.config`).
+accepts only the generated key pair (an identity in `s3.json`, passed with `-s3.config`). Given a
+`notification`, it is written as `notification.toml` into that directory, where `weed` starts and
+looks for it first: e.g. the filer's webhook, which posts every file system event to an endpoint.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ def choose_ports() -> dict[str, int]:
 class SeaweedServer:
     """A `weed mini` process; `restart()` keeps the data directory and the ports."""
 
-    def __init__(self, *, startup_timeout: float = 30.0, stop_timeout: float = 10.0) -> None:
+    def __init__(
+        self, *, startup_timeout: float = 30.0, stop_timeout: float = 10.0, notification: str | None = None
+    ) -> None:
+        self.notification = notification
         self.access_key = "test-" + secrets.token_hex(6)
         self.secret_key = secrets.token_urlsafe(24)
         self.startup_timeout = startup_timeout
@@ -143,6 +148,8 @@ class SeaweedServer:
             self._tmp = tempfile.TemporaryDirectory(prefix="seaweed-")
             (self.root / "data").mkdir()
             self._write_s3_config()
+            if self.notification is not None:
+                (self.root / "notification.toml").write_text(self.notification)
         for attempt in range(_START_ATTEMPTS):
             self._ports = choose_ports()
             try:

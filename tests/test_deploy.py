@@ -47,6 +47,8 @@ PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
 RUNTIME_LOCK = ROOT / "requirements.lock"
 TEST_LOCK = ROOT / "requirements-test.lock"
 CREDENTIALS = ("MINIO_ROOT_USER", "MINIO_ROOT_PASSWORD")
+EVENTS_TOKEN = "EVENTS_TOKEN"  # required too: shared by MinIO's webhook target and the service
+MINIO_IMAGE = re.compile(r"(quay\.io/)?minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ")
 SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|ACCESS_KEY|ROOT_USER")
 
 
@@ -572,8 +574,9 @@ def example_env() -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def dot_env(example_env: dict[str, str]) -> dict[str, str]:
-    """A .env made as the example says: copied, with a password like `openssl rand -hex 24` gives."""
-    return {**example_env, "MINIO_ROOT_PASSWORD": secrets.token_hex(24)}
+    """A .env made as the example says: copied, with a password and an events token like `openssl rand -hex 24`
+    gives."""
+    return {**example_env, "MINIO_ROOT_PASSWORD": secrets.token_hex(24), EVENTS_TOKEN: secrets.token_hex(24)}
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:
@@ -602,24 +605,24 @@ def test_config_variable_scan_finds_the_documented_names() -> None:
 
 
 def test_compose_services(compose: dict[str, Any]) -> None:
-    assert set(compose["services"]) == {"minio", "init", "service", "nginx"}
+    assert set(compose["services"]) == {"minio", "init", "init-events", "service", "nginx"}
 
 
 def test_minio_service(compose: dict[str, Any]) -> None:
     minio = compose["services"]["minio"]
-    assert re.fullmatch(r"(quay\.io/)?minio/minio:RELEASE\.\d{4}-\d\d-\d\dT\d\d-\d\d-\d\dZ", minio["image"]), (
-        "pin MinIO to a RELEASE tag"
-    )
+    assert MINIO_IMAGE.fullmatch(minio["image"]), "pin MinIO to a RELEASE tag"
     command = minio["command"]
     assert (shlex.split(command) if isinstance(command, str) else command) == [
         "server", "/data", "--console-address", ":9001",
     ]  # fmt: skip
-    assert minio["volumes"] == ["minio-data:/data"]
-    assert "minio-data" in compose["volumes"]
+    assert minio["volumes"] == ["minio-data:/data", "minio-events:/events"]
+    assert {"minio-data", "minio-events"} <= set(compose["volumes"])
     test = minio["healthcheck"]["test"]
     assert test[:1] in (["CMD"], ["CMD-SHELL"]) and "mc" in " ".join(test) and "ready" in test
     assert not re.search(r"\b(curl|wget)\b", " ".join(test)), "not in the MinIO image on every arch"
-    assert set(environment(minio)) == set(CREDENTIALS)
+    assert set(environment(minio)) == set(CREDENTIALS) | {
+        f"MINIO_NOTIFY_WEBHOOK_{name}_SERVICE" for name in ("ENABLE", "ENDPOINT", "AUTH_TOKEN", "QUEUE_DIR")
+    }
 
 
 def test_no_host_bind_mounts(compose: dict[str, Any]) -> None:
@@ -710,7 +713,7 @@ def test_init_writes_where_the_service_reads(compose: dict[str, Any], dot_env: d
 
 def test_optional_variables_pass_through(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
     env = environment(compose["services"]["service"])
-    unset = {key: dot_env[key] for key in CREDENTIALS}
+    unset = {key: dot_env[key] for key in (*CREDENTIALS, EVENTS_TOKEN)}
     defaults = load_settings(resolve(env, unset))
     assert defaults.api_token is None and defaults.schedule == Settings().schedule
     assert defaults.published_address == "127.0.0.1" and defaults.workers == 1
@@ -726,7 +729,7 @@ def test_missing_credentials_stop_compose_with_a_hint(
     env = {key: value for key, value in dot_env.items() if key != missing}
     if blank:
         env[missing] = ""
-    for name in ("minio", "init", "service"):
+    for name in ("minio", "init", "init-events", "service"):
         with pytest.raises(MissingVariable, match=rf"{missing} .*\.env \(see \.env\.example\)"):
             resolve(environment(compose["services"][name]), env)
 
@@ -774,11 +777,13 @@ def test_publishing_beyond_loopback_needs_an_api_token(
 def test_env_example_has_no_usable_password(compose: dict[str, Any], example_env: dict[str, str]) -> None:
     """`cp .env.example .env && docker compose up` stops and says how to make a password."""
     assert example_env["MINIO_ROOT_PASSWORD"] == ""
-    for name in ("minio", "init", "service"):
+    for name in ("minio", "init", "init-events", "service"):
         with pytest.raises(MissingVariable, match=r"MINIO_ROOT_PASSWORD .*openssl rand -hex 24"):
             resolve(environment(compose["services"][name]), example_env)
     # An older .env.example shipped this password: a .env copied from it stops the init and the service.
-    published = {**example_env, "MINIO_ROOT_PASSWORD": "change-me-to-a-long-random-password"}
+    published = {
+        **example_env, "MINIO_ROOT_PASSWORD": "change-me-to-a-long-random-password", EVENTS_TOKEN: "tok-456"
+    }  # fmt: skip
     for name in ("init", "service"):
         with pytest.raises(ConfigError, match="MINIO_SECRET_KEY"):
             load_settings(resolve(environment(compose["services"][name]), published))
@@ -904,3 +909,53 @@ def test_nginx_passes_websockets_and_waits_for_runs(nginx_conf: Directive) -> No
     assert entries == {"default": ["upgrade"], "": [""]}
     # A reprocess answers when its run is over: a first run of 1,000,000 users took 352 s.
     assert _nginx_seconds(location.one("proxy_read_timeout").args[0]) >= 600
+
+
+# --- bucket events ------------------------------------------------------------------------------------
+
+
+def _webhook_target(minio_env: Mapping[str, str]) -> str:
+    """The one webhook target MinIO is given, by its ID (the part after `ENABLE_`)."""
+    (variable,) = [name for name in minio_env if name.startswith("MINIO_NOTIFY_WEBHOOK_ENABLE_")]
+    return variable.removeprefix("MINIO_NOTIFY_WEBHOOK_ENABLE_")
+
+
+def test_minio_posts_bucket_events_to_the_service(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
+    minio_env = resolve(environment(compose["services"]["minio"]), dot_env)
+    target = _webhook_target(minio_env)
+    assert minio_env[f"MINIO_NOTIFY_WEBHOOK_ENABLE_{target}"] == "on"
+    endpoint = minio_env[f"MINIO_NOTIFY_WEBHOOK_ENDPOINT_{target}"]
+    host, port, path = re.fullmatch(r"http://([\w-]+):(\d+)(/\S*)", endpoint).groups()  # type: ignore[union-attr]
+    assert host == "service" and int(port) == Settings().port and path == "/events"
+    service = load_settings(resolve(environment(compose["services"]["service"]), dot_env))
+    assert minio_env[f"MINIO_NOTIFY_WEBHOOK_AUTH_TOKEN_{target}"] == service.events_token == dot_env[EVENTS_TOKEN]
+    # Undelivered events wait in a queue directory that outlives the container.
+    queue = minio_env[f"MINIO_NOTIFY_WEBHOOK_QUEUE_DIR_{target}"]
+    assert f"minio-events:{queue}" in compose["services"]["minio"]["volumes"]
+
+
+def test_init_events_subscribes_the_source_prefix(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
+    step, minio = compose["services"]["init-events"], compose["services"]["minio"]
+    assert step["image"] == minio["image"] and MINIO_IMAGE.fullmatch(step["image"]), "the pinned image, with mc"
+    assert step["entrypoint"] == ["/bin/sh", "-c"] and step["restart"] == "no"
+    assert step["depends_on"] == {"init": {"condition": "service_completed_successfully"}}, "after the bucket exists"
+    (script,) = step["command"]
+    alias_line, event_line = (shlex.split(part) for part in script.replace("$$", "$").split("&&"))
+    assert alias_line[:4] == ["mc", "alias", "set", "lake"] and alias_line[4] == "http://minio:9000"
+    assert alias_line[5:] == ["$MINIO_ROOT_USER", "$MINIO_ROOT_PASSWORD"]
+    assert set(environment(step)) == set(CREDENTIALS)
+    assert event_line[:3] == ["mc", "event", "add"] and "--ignore-existing" in event_line
+    service = load_settings(resolve(environment(compose["services"]["service"]), dot_env))
+    target = _webhook_target(resolve(environment(minio), dot_env))
+    assert event_line[-2:] == [f"lake/{service.bucket}", f"arn:minio:sqs::{target}:webhook"]
+    assert set(event_line[event_line.index("--event") + 1].split(",")) == {"put", "delete"}
+    assert event_line[event_line.index("--prefix") + 1] == service.src_prefix
+
+
+def test_events_token_is_required(compose: dict[str, Any], dot_env: dict[str, str]) -> None:
+    """An unauthenticated events route would let anyone make the service stat keys: compose stops first."""
+    env = {**dot_env, EVENTS_TOKEN: ""}
+    for name in ("minio", "service"):
+        with pytest.raises(MissingVariable, match=r"EVENTS_TOKEN .*\.env \(see \.env\.example\)"):
+            resolve(environment(compose["services"][name]), env)
+    assert read_env_file(ENV_EXAMPLE)[EVENTS_TOKEN] == ""

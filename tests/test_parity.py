@@ -276,7 +276,7 @@ async def test_the_run_reports_differ_only_in_the_case_of_their_names(client: Te
     nested = {"rejected": "key reason", "conflicts": "userId kind keys winner"}
     selection = " ".join(f"{name} {{ {nested[name]} }}" if name in nested else name for name in fields)
     last = (await gql(client, f"{{ lastRun {{ {selection} }} }}"))["data"]["lastRun"]
-    assert last == camel_keys(report) | {"outcome": report["outcome"].upper()}
+    assert last == camel_keys(report) | {"outcome": report["outcome"].upper(), "kind": report["kind"].upper()}
     assert (await gql(client, "{ lastRun { id runId } }"))["data"]["lastRun"]["id"] == report["run_id"]
 
 
