@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import csv
 import io
 from collections.abc import Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
@@ -11,6 +12,7 @@ from typing import Any
 
 import pandas as pd
 from aiohttp.test_utils import TestClient
+from hypothesis import strategies as st
 from miniopy_async import Minio
 from miniopy_async.sse import SseCustomerKey
 from s3server import SeaweedServer
@@ -142,3 +144,17 @@ async def put_with_customer_key(server: SeaweedServer, bucket: str, key: str, da
     """Upload with SSE-C: the server keeps only a hash of the key, and refuses reads that lack it."""
     async with Minio(server.endpoint, server.access_key, server.secret_key, secure=False) as client:
         await client.put_object(bucket, key, io.BytesIO(data), len(data), sse=SseCustomerKey(b"k" * 32))
+
+
+# -- random source files, for the property tests -------------------------------------------------------
+
+NAMES = st.text(alphabet='ab ,"éZ\n', min_size=1, max_size=6).map(str.strip).filter(bool)
+BIRTHS = st.integers(min_value=-5_000_000_000_000, max_value=1_700_000_000_000)
+INVALID = st.sampled_from([b"", b"first_name,last_name\nA,B\n", b"first_name,last_name,birthts\nA,B,x\n", b"\xff"])
+
+
+def encode(first: str, last: str, birthts: int) -> bytes:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerows([["first_name", " last_name", " birthts"], [first, last, birthts]])
+    return buffer.getvalue().encode()

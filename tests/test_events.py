@@ -21,8 +21,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 from s3server import SeaweedServer, free_ports
-from test_app import NEVER, ClientFactory, csv_of, gql, seed, wait_ready, years_ago
-from test_incremental_property import BIRTHS, INVALID, NAMES, encode
+from support import BIRTHS, INVALID, NAMES, NEVER, ClientFactory, csv_of, encode, gql, seed, wait_ready, years_ago
 
 from service import manifest as mf
 from service.aggregator import Aggregator, RunResult, Targets

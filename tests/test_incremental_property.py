@@ -19,23 +19,14 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+from support import BIRTHS, INVALID, NAMES, encode
 
 from service.aggregator import Aggregator
 from service.local_store import LocalStore
 
 USERS = st.sampled_from(["1", "2", "01", "x y"])
 FOLDERS = st.sampled_from(["src-data/", "src-data/sub/"])
-NAMES = st.text(alphabet='ab ,"éZ\n', min_size=1, max_size=6).map(str.strip).filter(bool)
-BIRTHS = st.integers(min_value=-5_000_000_000_000, max_value=1_700_000_000_000)
-INVALID = st.sampled_from([b"", b"first_name,last_name\nA,B\n", b"first_name,last_name,birthts\nA,B,x\n", b"\xff"])
 Row = tuple[str, str, str, str]
-
-
-def encode(first: str, last: str, birthts: int) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerows([["first_name", " last_name", " birthts"], [first, last, birthts]])
-    return buffer.getvalue().encode()
 
 
 def mtime_ns(info_time: float) -> int:
