@@ -169,6 +169,8 @@ class ResponseCache:
     def __init__(self, capacity: int, metrics: Metrics) -> None:
         self._answers: BoundedLRU[Key, Answer] = BoundedLRU(capacity)
         self._metrics = metrics
+        metrics.cache_bytes.set_function(lambda: self._answers.size)  # read when scraped, not on every change
+        metrics.cache_entries.set_function(lambda: len(self._answers))
         self._era = 0
         self._snapshot: weakref.ref[Snapshot] | None = None  # weak: an old snapshot is not kept alive
         self._day: date | None = None
@@ -189,7 +191,6 @@ class ResponseCache:
         self._era += 1
         self._snapshot, self._day = weakref.ref(snapshot), day
         self._answers.clear()
-        self._observe()
 
     def get(self, key: Key) -> Answer | None:
         answer = self._answers.get(key)
@@ -201,11 +202,6 @@ class ResponseCache:
         that ended it, so it belongs to neither era."""
         if key.era == self._era:
             self._answers.put(key, answer, key.cost(answer.body))
-            self._observe()
-
-    def _observe(self) -> None:
-        self._metrics.cache_bytes.set(self._answers.size)
-        self._metrics.cache_entries.set(len(self._answers))
 
 
 def _canonical(variables: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ class PersistedQueries:
 
     def __init__(self, capacity: int, metrics: Metrics) -> None:
         self._documents: BoundedLRU[str, str] = BoundedLRU(capacity)
-        self._metrics = metrics
+        metrics.persisted_queries.set_function(lambda: len(self._documents))
 
     def resolve(self, operation: Operation) -> Operation:
         """The operation with its document: looked up by its hash, or registered under it. An operation
@@ -63,7 +63,6 @@ class PersistedQueries:
                 400,
             )
         self._documents.put(digest, operation.query, len(operation.query) + ENTRY_OVERHEAD)
-        self._metrics.persisted_queries.set(len(self._documents))
         return operation
 
 
