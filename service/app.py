@@ -27,6 +27,7 @@ from . import graphiql, rest
 from .aggregator import Aggregator, Progress, RunResult
 from .cache import (
     CACHEABLE_OPERATION,
+    NO_STORE,
     WITHOUT_ERRORS,
     Answer,
     CachePolicy,
@@ -97,7 +98,7 @@ class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
             return response
         if response.status != 200 or not request.get(WITHOUT_ERRORS):
             if request.method == "GET":
-                response.headers["Cache-Control"] = "no-store"  # an error may be gone a moment later
+                response.headers["Cache-Control"] = NO_STORE
             return response
         answer = Answer(response.body)
         if key is not None and request.get(CACHEABLE_OPERATION):

@@ -50,6 +50,8 @@ ENTRY_OVERHEAD = 400
 """Bytes an entry is counted for besides its answer and its key's texts: the Python objects around them."""
 REVALIDATE = "no-cache"
 """Browsers and CDNs may keep a GET answer, and ask with its ETag before every use."""
+NO_STORE = "no-store"
+"""For a GET answer with errors: the error may be gone a moment later (data loaded, a document registered)."""
 CACHEABLE_OPERATION = web.RequestKey("cacheable_operation", bool)
 """Set by `CachePolicy`: the request's operation may be kept."""
 WITHOUT_ERRORS = web.RequestKey("without_errors", bool)
@@ -198,8 +200,8 @@ class ResponseCache:
         return answer
 
     def put(self, key: Key, answer: Answer) -> None:
-        """Keep `answer` unless its era has ended meanwhile: it may have read the snapshot or the date
-        that ended it, so it belongs to neither era."""
+        """Keep `answer` unless its era has ended meanwhile: it may have read the old snapshot (or date)
+        or the new one, so it belongs to no era for sure."""
         if key.era == self._era:
             self._answers.put(key, answer, key.cost(answer.body))
 

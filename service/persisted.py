@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from .cache import ENTRY_OVERHEAD, BoundedLRU, Operation
+from .cache import ENTRY_OVERHEAD, NO_STORE, BoundedLRU, Operation
 from .metrics import Metrics
 
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
@@ -29,9 +29,8 @@ class PersistedQueryError(Exception):
         self.status = status
 
     def response(self) -> web.Response:
-        """Never stored by a cache: a GET that is not found now may well be found a moment later."""
         body = {"errors": [{"message": str(self), "extensions": {"code": self.code}}]}
-        return web.json_response(body, status=self.status, headers={"Cache-Control": "no-store"})
+        return web.json_response(body, status=self.status, headers={"Cache-Control": NO_STORE})
 
 
 class PersistedQueries:
