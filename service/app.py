@@ -100,8 +100,11 @@ class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
             if request.method == "GET":
                 response.headers["Cache-Control"] = NO_STORE
             return response
-        answer = Answer(response.body)
-        if key is not None and request.get(CACHEABLE_OPERATION):
+        kept = key is not None and request.get(CACHEABLE_OPERATION, False)
+        if not kept and request.method != "GET":
+            return response
+        answer = Answer.of(response.body)
+        if key is not None and kept:
             self._cache.put(key, answer)
         return send(request, answer, response)
 

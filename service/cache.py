@@ -17,7 +17,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import date
-from functools import cached_property
 from typing import Any, Generic, NamedTuple, TypeVar
 
 from aiohttp import web
@@ -104,6 +103,11 @@ def _operation(data: dict[str, Any]) -> Operation | None:
     return None
 
 
+Stored = tuple[int, str, str, str, str | None, str]
+"""A `Key` as stored: the garbage collector stops tracking a plain tuple of strings, numbers and bytes (a
+named tuple it tracks for ever), so that many answers kept do not make its full collections longer."""
+
+
 class Key(NamedTuple):
     """What an answer depends on. The era stands for the snapshot and the date; (scheme, host) for the
     origin, which decides it as they decide `request.url`."""
@@ -118,16 +122,19 @@ class Key(NamedTuple):
     def cost(self, body: bytes) -> int:
         return len(body) + len(self.query) + len(self.variables) + len(self.host) + ENTRY_OVERHEAD
 
+    def plain(self) -> Stored:
+        return (self.era, self.scheme, self.host, self.query, self.operation_name, self.variables)
 
-@dataclass(frozen=True)
-class Answer:
-    """The bytes Strawberry sent for a query; its ETag is worked out the first time a GET needs it."""
+
+class Answer(NamedTuple):
+    """The bytes Strawberry sent for a query, and their digest as the ETag."""
 
     body: bytes
+    etag: str
 
-    @cached_property
-    def etag(self) -> str:
-        return hashlib.blake2b(self.body, digest_size=16).hexdigest()
+    @classmethod
+    def of(cls, body: bytes) -> Answer:
+        return cls(body, hashlib.blake2b(body, digest_size=16).hexdigest())
 
 
 class BoundedLRU(Generic[K, V]):
@@ -166,10 +173,11 @@ class BoundedLRU(Generic[K, V]):
 
 
 class ResponseCache:
-    """The answers of the current era, bounded to `capacity` bytes (RESPONSE_CACHE_BYTES; 0: none)."""
+    """The answers of the current era, bounded to `capacity` bytes (RESPONSE_CACHE_BYTES; 0: none). Keys
+    and answers are stored as plain tuples (see `Stored`); a `Key` finds its plain tuple, as they are equal."""
 
     def __init__(self, capacity: int, metrics: Metrics) -> None:
-        self._answers: BoundedLRU[Key, Answer] = BoundedLRU(capacity)
+        self._answers: BoundedLRU[Stored, tuple[bytes, str]] = BoundedLRU(capacity)
         self._metrics = metrics
         metrics.cache_bytes.set_function(lambda: self._answers.size)  # read when scraped, not on every change
         metrics.cache_entries.set_function(lambda: len(self._answers))
@@ -195,15 +203,15 @@ class ResponseCache:
         self._answers.clear()
 
     def get(self, key: Key) -> Answer | None:
-        answer = self._answers.get(key)
-        (self._metrics.cache_hits if answer is not None else self._metrics.cache_misses).inc()
-        return answer
+        stored = self._answers.get(key)
+        (self._metrics.cache_hits if stored is not None else self._metrics.cache_misses).inc()
+        return Answer(*stored) if stored is not None else None
 
     def put(self, key: Key, answer: Answer) -> None:
         """Keep `answer` unless its era has ended meanwhile: it may have read the old snapshot (or date)
         or the new one, so it belongs to no era for sure."""
         if key.era == self._era:
-            self._answers.put(key, answer, key.cost(answer.body))
+            self._answers.put(key.plain(), (answer.body, answer.etag), key.cost(answer.body))
 
 
 def _canonical(variables: dict[str, Any]) -> str:

@@ -187,7 +187,7 @@ def test_an_answer_worked_out_across_a_new_snapshot_is_not_kept() -> None:
     assert started is not None
     ended = cache.key(new, operation, request)  # served meanwhile (the same version: still news)
     assert ended is not None and ended != started
-    cache.put(started, Answer(b"{}"))
+    cache.put(started, Answer.of(b"{}"))
     assert cache.get(ended) is None
 
 
