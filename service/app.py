@@ -11,23 +11,40 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import aiocron
 import numpy as np
 from aiohttp import web
-from cross_web import HTTPException
+from cross_web import AiohttpHTTPRequestAdapter, AsyncHTTPRequestAdapter, HTTPException
 from strawberry.exceptions import ConnectionRejectionError
+from strawberry.http import GraphQLHTTPResponse, GraphQLRequestData
+from strawberry.http.base import BaseRequestProtocol
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.types import ExecutionResult
 from strawberry.types.unset import UNSET, UnsetType
 
 from . import dashboard, graphiql, intake, rest
 from .aggregator import Aggregator, Committed, Progress, RunResult
+from .cache import (
+    CACHEABLE_OPERATION,
+    NO_STORE,
+    WITHOUT_ERRORS,
+    Answer,
+    CachePolicy,
+    Key,
+    Operation,
+    ResponseCache,
+    read_operation,
+    send,
+)
 from .config import Settings
 from .errors import BadRequest, NotReady, ObjectNotFound, StorageError, Unauthorized
 from .events import Broadcaster, RunFinished, RunProgress
 from .history import HistoryStore
 from .lease import Lease
 from .metrics import Metrics
+from .persisted import PersistedQueries, PersistedQueryError
 from .report import Outcome, RunReport
 from .runner import Runner, RunnerClosed
 from .schema import Context, build_schema
@@ -45,11 +62,65 @@ METRICS = web.AppKey("metrics", Metrics)
 HISTORY_LIMIT = 100
 _ACK: UnsetType = UNSET  # a plain connection_ack
 MAX_REQUEST_BYTES = 256 * 1024
+OPERATION = web.RequestKey("operation", Operation)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the response
 _RETRY_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 
 
 class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
+    """Strawberry's view, with answers from the response cache and automatic persisted queries."""
+
+    def __init__(self, *, cache: ResponseCache, persisted: PersistedQueries, **options: Any) -> None:
+        super().__init__(**options)
+        self._cache = cache
+        self._persisted = persisted
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        """A kept answer is sent before Strawberry parses or validates anything; otherwise Strawberry
+        answers, with the operation read here (a persisted query's document looked up), and a query's
+        answer without errors is kept. What `read_operation` leaves alone goes to Strawberry as before."""
+        operation = await read_operation(request, self.decode_json)
+        if operation is None:
+            return await super().__call__(request)
+        try:
+            operation = self._persisted.resolve(operation)
+        except PersistedQueryError as exc:
+            return exc.response()
+        key = self._cache.key(request.app[STATE].snapshot, operation, request)
+        if key is not None and (kept := self._cache.get(key)) is not None:
+            return send(request, kept)
+        request[OPERATION] = operation
+        return self._keep(request, key, await super().__call__(request))
+
+    def _keep(self, request: web.Request, key: Key | None, response: web.StreamResponse) -> web.StreamResponse:
+        """Strawberry's response, sent with its validators; its answer kept when it is a query's without
+        errors (`CachePolicy` marks the query)."""
+        if not (isinstance(response, web.Response) and isinstance(response.body, bytes)):
+            return response
+        if response.status != 200 or not request.get(WITHOUT_ERRORS):
+            if request.method == "GET":
+                response.headers["Cache-Control"] = NO_STORE
+            return response
+        kept = key is not None and request.get(CACHEABLE_OPERATION, False)
+        if not kept and request.method != "GET":
+            return response
+        answer = Answer.of(response.body)
+        if key is not None and kept:
+            self._cache.put(key, answer)
+        return send(request, answer, response)
+
+    async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData | list[GraphQLRequestData]:
+        operation = _operation_read(request)
+        return operation.request_data() if operation is not None else await super().parse_http_body(request)
+
+    def should_render_graphql_ide(self, request: BaseRequestProtocol) -> bool:
+        # A GET of a persisted query has no `query` parameter, which Strawberry takes for a visit to the IDE.
+        return _operation_read(request) is None and super().should_render_graphql_ide(request)
+
+    async def process_result(self, request: web.Request, result: ExecutionResult) -> GraphQLHTTPResponse:
+        request[WITHOUT_ERRORS] = not result.errors
+        return await super().process_result(request, result)
+
     async def get_context(self, request: web.Request, response: web.StreamResponse) -> Context:
         authorization = request.headers.get("Authorization")
         return Context(state=request.app[STATE], request=request, response=response, authorization=authorization)
@@ -81,6 +152,11 @@ class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
         return _ACK
 
 
+def _operation_read(adapter: object) -> Operation | None:
+    """The operation `ServiceGraphQLView.__call__` read from this request, if it did."""
+    return adapter.request.get(OPERATION) if isinstance(adapter, AiohttpHTTPRequestAdapter) else None
+
+
 def _payload_authorization(payload: Mapping[str, object] | None) -> str | None:
     """`Authorization` from a connection_init payload: `{"Authorization": "Bearer <token>"}`, or under
     `"headers"` for clients that send their HTTP headers there; the key in any case, as in HTTP."""
@@ -106,9 +182,11 @@ def create_app(settings: Settings, store: ObjectStore | None = None) -> web.Appl
     if settings.events_token is not None:
         intake.add_routes(app, bucket=app[STORE].bucket, token=settings.events_token, metrics=metrics)
     schema = build_schema(
-        [metrics.extension()], introspection=settings.introspection, max_page_size=settings.max_page_size
+        [metrics.extension(), CachePolicy], introspection=settings.introspection, max_page_size=settings.max_page_size
     )
     view = ServiceGraphQLView(
+        cache=ResponseCache(settings.response_cache_bytes, metrics),
+        persisted=PersistedQueries(settings.persisted_query_bytes, metrics),
         schema=schema,
         subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
         max_subscriptions_per_connection=10,

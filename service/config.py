@@ -161,6 +161,8 @@ class Settings:
     follow_interval: float = _setting("FOLLOW_INTERVAL", 2.0, _fraction(0.05, 3600))
     replica_id: str | None = _setting("REPLICA_ID", None, _text)
     workers: int = _setting("WORKERS", 1, _integer(1, 64))
+    response_cache_bytes: int = _setting("RESPONSE_CACHE_BYTES", 64 << 20, _integer(0, 1 << 40))
+    persisted_query_bytes: int = _setting("PERSISTED_QUERY_BYTES", 4 << 20, _integer(0, 1 << 40))
 
     def replica(self) -> str:
         """This process's name among the replicas: REPLICA_ID, else the host name and the process id

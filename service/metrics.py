@@ -1,4 +1,4 @@
-"""Prometheus metrics: runs, snapshot freshness, query latency, HTTP responses."""
+"""Prometheus metrics: runs, snapshot freshness, query latency, the response cache, HTTP responses."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ class Metrics:
         )
         self.queries = Histogram(
             "graphql_operation_seconds", "GraphQL operation latency", ["operation"], buckets=_FAST, registry=r
+        )
+        self.cache_hits = Counter("graphql_cache_hits", "GraphQL answers sent from the response cache", registry=r)
+        self.cache_misses = Counter(
+            "graphql_cache_misses", "GraphQL requests the response cache was asked for and did not hold", registry=r
+        )
+        self.cache_bytes = Gauge("graphql_cache_bytes", "Bytes the response cache holds, as it counts them", registry=r)
+        self.cache_entries = Gauge("graphql_cache_entries", "Answers the response cache holds", registry=r)
+        self.persisted_queries = Gauge(
+            "graphql_persisted_queries", "Documents registered as automatic persisted queries", registry=r
         )
         self.responses = Counter("http_responses", "HTTP responses", ["method", "route", "status"], registry=r)
         self.lease_held = Gauge("lease_held", "1 while this replica holds the aggregation lease", registry=r)

@@ -78,6 +78,13 @@ def as_sent(client: TestClient[Any, Any], path: str) -> URL:
     return URL(str(client.make_url("/")).rstrip("/") + path, encoded=True)
 
 
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in metrics")
+
+
 async def wait_ready(client: TestClient[Any, Any]) -> None:
     for _ in range(200):
         response = await client.get("/readyz")

@@ -15,7 +15,7 @@ import strawberry
 from aiohttp import WSMsgType, web
 from aiohttp.test_utils import TestClient
 from s3server import free_ports
-from support import NEVER, ClientFactory, gql, wait_ready
+from support import NEVER, ClientFactory, gql, metric, wait_ready
 
 from service.app import create_app
 from service.config import Settings
@@ -26,13 +26,6 @@ from service.metrics import Metrics
 from service.report import REJECTED_SAMPLE, Outcome, RejectedFile, RunReport
 
 PROTOCOL = "graphql-transport-ws"
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} not in metrics")
 
 
 async def test_metrics(client: TestClient[Any, Any]) -> None:
