@@ -101,12 +101,12 @@ class ServiceGraphQLView(graphiql.OfflineGraphQLView[Context, None]):
             if request.method == "GET":
                 response.headers["Cache-Control"] = NO_STORE
             return response
-        kept = key is not None and request.get(CACHEABLE_OPERATION, False)
-        if not kept and request.method != "GET":
+        keep = key if request.get(CACHEABLE_OPERATION) else None
+        if keep is None and request.method != "GET":
             return response
         answer = Answer.of(response.body)
-        if key is not None and kept:
-            self._cache.put(key, answer)
+        if keep is not None:
+            self._cache.put(keep, answer)
         return send(request, answer, response)
 
     async def parse_http_body(self, request: AsyncHTTPRequestAdapter) -> GraphQLRequestData | list[GraphQLRequestData]:
