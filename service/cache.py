@@ -40,7 +40,9 @@ from .snapshot import Snapshot
 K = TypeVar("K")
 V = TypeVar("V")
 
-CACHEABLE_FIELDS = frozenset({"users", "user", "stats", "rejectedFiles", "__typename", "__schema", "__type"})
+CACHEABLE_FIELDS = frozenset(
+    {"users", "user", "usersConnection", "stats", "statsBy", "rejectedFiles", "__typename", "__schema", "__type"}
+)
 """Root fields whose answers depend on the snapshot, the date, the origin and the request alone. Not `runs`
 or `lastRun`: the run history changes without a new snapshot (a failed run, another replica's report).
 None of these depends on the caller's rights (only the `reprocess` mutation checks them), so the key

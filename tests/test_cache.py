@@ -71,6 +71,21 @@ async def test_a_repeated_query_is_answered_with_the_same_bytes_without_running_
     assert after["bytes"] >= len(await first.read()) + len(STATS) + ENTRY_OVERHEAD
 
 
+@pytest.mark.parametrize(
+    "query",
+    [
+        "{ statsBy(groupBy: AGE) { key count averageAge } }",
+        "{ usersConnection(first: 2) { totalCount edges { cursor node { userId } } } }",
+    ],
+)
+async def test_grouped_stats_and_connection_pages_are_kept_too(client: Client, query: str) -> None:
+    before = await counters(client)
+    first, second = await post(client, query), await post(client, query)
+    assert await first.read() == await second.read() and "errors" not in await first.json()
+    after = await counters(client)
+    assert (after["executed"] - before["executed"], after["hits"] - before["hits"]) == (1, 1)
+
+
 async def test_the_key_holds_the_variables_the_operation_name_and_the_origin(client: Client) -> None:
     ranged = "query R($min: Int, $max: Int) { stats(filter: {minAge: $min, maxAge: $max}) { count } }"
     wide = await (await post(client, ranged, variables={"min": 0, "max": 200})).json()
