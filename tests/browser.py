@@ -121,7 +121,8 @@ class CDPSession:
 
 @contextlib.asynccontextmanager
 async def chromium_page(binary: str) -> AsyncIterator[CDPSession]:
-    with tempfile.TemporaryDirectory(prefix="graphiql-chromium-") as profile:
+    # Chromium's helper processes may still be writing the profile as it closes: leftovers are ignored.
+    with tempfile.TemporaryDirectory(prefix="chromium-profile-", ignore_cleanup_errors=True) as profile:
         log_path = Path(profile) / "chromium.log"
         with log_path.open("wb") as log:
             proc = await asyncio.create_subprocess_exec(
