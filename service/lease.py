@@ -121,15 +121,21 @@ class Lease:
             raise LeaseBusy(current)
         record = LeaseRecord(self.replica, run_id, now, now + self.ttl)
         try:
-            if etag is None:
-                new_etag = await self._store.put(self.key, record.to_bytes(), "application/json", if_none_match=True)
-            else:
-                new_etag = await self._store.put(self.key, record.to_bytes(), "application/json", if_match=etag)
+            new_etag = await self.write(record, etag)
         except PreconditionFailed:
             # Another replica wrote the lease between our read and our write: it has it.
             latest, _ = await self._read()
             raise LeaseBusy(latest or record) from None
         return record, new_etag
+
+    def now(self) -> datetime:
+        return self._clock()
+
+    async def write(self, record: LeaseRecord, etag: str | None) -> str:
+        """Write `record` only over the lease with ETag `etag` (or where there is none); its new ETag."""
+        if etag is None:
+            return await self._store.put(self.key, record.to_bytes(), "application/json", if_none_match=True)
+        return await self._store.put(self.key, record.to_bytes(), "application/json", if_match=etag)
 
     async def _read(self) -> tuple[LeaseRecord | None, str | None]:
         try:
@@ -162,7 +168,7 @@ class Holding:
 
     def check(self) -> None:
         """`LeaseLost` unless the lease is still ours and unexpired: called before every commit write."""
-        if self._lost is None and self.record.expires <= self._lease._clock():
+        if self._lost is None and self.record.expires <= self._lease.now():
             self._lost = "the lease expired before it could be renewed"
         if self._lost is not None:
             raise LeaseLost(f"replica {self._lease.replica!r} lost the lease: {self._lost}")
@@ -182,13 +188,13 @@ class Holding:
 
     async def _renew(self) -> None:
         lease = self._lease
-        now = lease._clock()
+        now = lease.now()
         if self.record.expires <= now:
             self._lost = "the lease expired before it could be renewed"
             return
         record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now + lease.ttl)
         try:
-            self._etag = await lease._store.put(lease.key, record.to_bytes(), "application/json", if_match=self._etag)
+            self._etag = await lease.write(record, self._etag)
         except PreconditionFailed:
             self._lost = "another replica took it over"
             logger.warning("replica %s lost the lease of run %d: taken over", lease.replica, record.run)
@@ -203,7 +209,7 @@ class Holding:
         if self._lost is not None:
             return
         lease = self._lease
-        now = lease._clock()
+        now = lease.now()
         record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now)
         with contextlib.suppress(StorageError):  # it expires by itself anyway
-            await lease._store.put(lease.key, record.to_bytes(), "application/json", if_match=self._etag)
+            await lease.write(record, self._etag)
