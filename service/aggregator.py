@@ -12,7 +12,7 @@ import array
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 import numpy as np
@@ -173,6 +173,7 @@ class Aggregator:
         output_key: str,
         concurrency: int,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        keep_blocks: bool = False,
     ) -> None:
         self._store = store
         self._prefix = src_prefix
@@ -181,6 +182,10 @@ class Aggregator:
         self._concurrency = concurrency
         self._clock = clock
         self._committed: _Committed | None = None
+        # With `keep_blocks`, what the last commit wrote is kept, block by block, for the next commit
+        # (about the size of the stored output plus the compressed manifest): for targeted runs.
+        self._manifest_encoder = mf.Encoder(keep=keep_blocks)
+        self._output_writer = out.Writer(keep=keep_blocks)
         self._version = 0  # the newest commit this process made or read: versions never go back
         #: The manifest ETag of the commit this process's last successful run ended on (written by it, or
         #: found unchanged): what that run served. None before such a run.
@@ -194,7 +199,7 @@ class Aggregator:
         """The aggregator the settings describe: `process` and `serve` must read and write the same keys."""
         return cls(
             store, src_prefix=settings.src_prefix, output_key=settings.output_key,
-            concurrency=settings.fetch_concurrency,
+            concurrency=settings.fetch_concurrency, keep_blocks=settings.events_token is not None,
         )  # fmt: skip
 
     async def run(
@@ -217,11 +222,14 @@ class Aggregator:
         if scan is None:
             scan = await self._scan_all(state.manifest, now_ms, progress)
         listed, fetched, ignored, kind = scan.listed, len(scan.results), scan.ignored, scan.kind  # before _compute
-        misnamed = scan.misnamed
+        misnamed, replaced = scan.misnamed, scan.replaced
         fresh = await asyncio.to_thread(scan.results.to_frame)
         listing = scan.listing
         del scan  # the lists behind the frame: tens of MiB at a million users
-        computed = await asyncio.to_thread(_compute, listing, state, fresh, misnamed)
+        if replaced is None:
+            computed = await asyncio.to_thread(_compute, listing, state, fresh, misnamed)
+        else:
+            computed = await asyncio.to_thread(_compute_targeted, listing, replaced, state, fresh, misnamed)
         del listing, fresh  # at a million users these are hundreds of MiB: not needed for the commit
         version, written = await self._commit(state, computed, fence)
         self._misnamed = misnamed
@@ -359,19 +367,22 @@ class Aggregator:
         if named is None:
             return None
         keys, prefixes = named
-        try:
-            fresh, ignored, results = await self._scan(state.manifest, self._named(keys, prefixes), now_ms, progress)
-        except _NeedsListing as exc:
-            logger.info("a targeted run lists %s instead: %s", self._prefix, exc)
-            return None
         replaced = state.manifest["key"].isin(keys).to_numpy()
         if prefixes:
             replaced = replaced | state.manifest["key"].str.startswith(prefixes).to_numpy()
-        listing = _splice(state.manifest.loc[~replaced, mf.LISTING_COLUMNS], fresh)
+        try:
+            # Only the rows of the named keys are compared with: the rest of the manifest stays as it is.
+            before = state.manifest[replaced].reset_index(drop=True)
+            read = _ReadAhead(_READ_AHEAD_BYTES)
+            pages = self._named(keys, prefixes, read)
+            fresh, ignored, results = await self._scan(before, pages, now_ms, progress, read)
+        except _NeedsListing as exc:
+            logger.info("a targeted run lists %s instead: %s", self._prefix, exc)
+            return None
         found, named_keys = results.misnamed, set(keys)
         kept = {k: v for k, v in self._misnamed.items() if k not in named_keys and not k.startswith(prefixes)}
         listed = len(fresh) + ignored
-        return _Scan(listing, results, listed, ignored - len(found), RunKind.TARGETED, kept | found)
+        return _Scan(fresh, results, listed, ignored - len(found), RunKind.TARGETED, kept | found, replaced)
 
     def _relevant(self, targets: Targets) -> tuple[list[str], tuple[str, ...]] | None:
         """The named keys and folders under the prefix that can change the view; None when a folder
@@ -389,18 +400,34 @@ class Aggregator:
         )
         return keys, prefixes
 
-    async def _named(self, keys: list[str], prefixes: tuple[str, ...]) -> AsyncIterator[list[ObjectInfo]]:
-        """The named keys as a listing shows them (a key that is gone is left out), a page of stats at a
-        time, then each folder's listing."""
+    async def _named(
+        self, keys: list[str], prefixes: tuple[str, ...], read: _ReadAhead
+    ) -> AsyncIterator[list[ObjectInfo]]:
+        """The named keys as a listing shows them (a key that is gone is left out), a page at a time,
+        then each folder's listing. A CSV is read rather than stat'ed (one request, not two if it
+        changed): its content goes into `read`, for the fetch."""
         for start in range(0, len(keys), self._concurrency):
-            page = await asyncio.gather(*(self._stat_named(key) for key in keys[start : start + self._concurrency]))
+            page = await asyncio.gather(*(self._look_at(key, read) for key in keys[start : start + self._concurrency]))
             yield [info for info in page if info is not None]
         for prefix in prefixes:
             async for listed in self._store.list(prefix):
                 yield listed
 
-    async def _stat_named(self, key: str) -> ObjectInfo | None:
+    async def _look_at(self, key: str, read: _ReadAhead) -> ObjectInfo | None:
         """What the store says about `key` now: events can come late, twice, or out of order."""
+        if classify(key).kind is not Kind.CSV:
+            return await self._stat_named(key)
+        try:
+            info, data = await self._store.get_with_info(check_key(key), max_bytes=MAX_CSV_BYTES)
+        except ObjectNotFound:
+            return None
+        except (InvalidKey, ObjectUnreadable):  # the store may still stat it: the fetch then says why
+            return await self._stat_named(key)
+        if len(data) <= MAX_CSV_BYTES:  # a larger one is rejected unread
+            read.keep(key, data)
+        return info
+
+    async def _stat_named(self, key: str) -> ObjectInfo | None:
         try:
             return await self._store.stat(check_key(key))
         except ObjectNotFound:
@@ -414,8 +441,10 @@ class Aggregator:
         pages: AsyncIterator[list[ObjectInfo]],
         now_ms: int,
         progress: ProgressCallback | None,
+        read: _ReadAhead | None = None,
     ) -> tuple[pd.DataFrame, int, _Results]:
-        """Go through `pages`; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure)."""
+        """Go through `pages`; fetch new or changed CSVs as pages arrive (a bounded queue: back-pressure).
+        A CSV whose content is in `read` (as of the ETag its page shows) is not read again."""
         # A file rejected only for a future birthts may become valid with time: fetch it again.
         # So may a file the store refused to hand over (its permissions or encryption may be fixed).
         reasons = previous["reason"]
@@ -454,7 +483,7 @@ class Aggregator:
 
         async def fetch() -> None:
             while (key := await queue.get()) is not None:
-                await self._fetch_one(key, now_ms, results)
+                await self._fetch_one(key, now_ms, results, read.take(key) if read is not None else None)
                 report_progress()
 
         await _run_all([produce(), *(fetch() for _ in range(self._concurrency))])
@@ -463,9 +492,10 @@ class Aggregator:
             listing = listing[~listing["key"].isin(results.vanished)]
         return listing, counts["ignored"], results
 
-    async def _fetch_one(self, key: str, now_ms: int, results: _Results) -> None:
+    async def _fetch_one(self, key: str, now_ms: int, results: _Results, data: bytes | None = None) -> None:
         try:
-            data = await self._store.get(key, max_bytes=MAX_CSV_BYTES)
+            if data is None:
+                data = await self._store.get(key, max_bytes=MAX_CSV_BYTES)
         except ObjectNotFound:
             results.vanished.add(key)  # deleted since it was listed
             return
@@ -496,13 +526,23 @@ class Aggregator:
         else:
             # After the manifest was lost, the version continues from the last one this process saw.
             version = max(header.version if header else 0, self._version) + 1
-            data = await asyncio.to_thread(computed.output_bytes)
+            users, known = computed.changed_users, computed.changed_users is not None
+            data = await asyncio.to_thread(
+                self._output_writer.write, computed.output, state.previous_output if known else None, users or ()
+            )
             output_etag = await self._put(self.output_key, data, "text/csv", state.started_from.output, fence)
             del data  # not held while the manifest is serialized
             written = True
         new_header = mf.ManifestHeader(version=version, output_etag=output_etag)
         if written or computed.manifest_changed or self._committed is None:
-            data = await asyncio.to_thread(mf.to_bytes, computed.manifest, new_header)
+            keys, known = computed.changed_keys, computed.changed_keys is not None
+            data = await asyncio.to_thread(
+                self._manifest_encoder.encode,
+                computed.manifest,
+                new_header,
+                state.manifest if known else None,
+                keys or (),
+            )
             manifest_etag = await self._put(
                 self.manifest_key, data, "application/gzip", state.started_from.manifest, fence
             )
@@ -527,6 +567,29 @@ class Aggregator:
             raise Superseded(f"{key} was committed by another run meanwhile: this run commits nothing more") from exc
 
 
+_READ_AHEAD_BYTES = 16 * 1024 * 1024
+"""At most this much CSV content read by a targeted run waits for its fetch (the rest is read again)."""
+
+
+class _ReadAhead:
+    """CSV contents read while looking at named keys, kept for the fetch, within a byte budget."""
+
+    def __init__(self, budget: int) -> None:
+        self._contents: dict[str, bytes] = {}
+        self._room = budget
+
+    def keep(self, key: str, data: bytes) -> None:
+        if len(data) <= self._room:
+            self._contents[key] = data
+            self._room -= len(data)
+
+    def take(self, key: str) -> bytes | None:
+        data = self._contents.pop(key, None)
+        if data is not None:
+            self._room += len(data)
+        return data
+
+
 @dataclass
 class _Scan:
     """What a run looked at: the listing rows it merges and the CSVs it fetched."""
@@ -537,15 +600,18 @@ class _Scan:
     ignored: int  # of those, objects that are no user file or image (misnamed ones are rejected instead)
     kind: RunKind
     misnamed: dict[str, str]  # every misnamed source key known after this run: key -> why
+    #: A targeted run's rows of the previous manifest that `listing` replaces (it holds only those keys
+    #: as they are now); None for a full run, whose `listing` is the whole prefix.
+    replaced: np.ndarray | None = None
 
 
-def _splice(kept: pd.DataFrame, fresh: pd.DataFrame) -> pd.DataFrame:
-    """`kept` (ordered by key, as listed) with the rows of `fresh` put in key order: the listing a full
+def _splice(kept: pd.DataFrame, fresh: pd.DataFrame, by: str = "key") -> pd.DataFrame:
+    """`kept` (ordered by `by`, as listed) with the rows of `fresh` put in that order: the listing a full
     run would have made, so that an unchanged manifest still compares equal to the stored one. (A store
     that lists in another order, as SeaweedFS does across folders, gets the same rows; the next full
     run may then write the manifest again.)"""
-    fresh = fresh.sort_values("key", kind="stable")
-    at = np.searchsorted(kept["key"].to_numpy(), fresh["key"].to_numpy())
+    fresh = fresh.sort_values(by, kind="stable")
+    at = np.searchsorted(kept[by].to_numpy(), fresh[by].to_numpy())
     order = np.insert(np.arange(len(kept)), at, np.arange(len(kept), len(kept) + len(fresh)))
     both = pd.concat([kept, fresh], ignore_index=True)
     return both.take(order).reset_index(drop=True)
@@ -561,9 +627,10 @@ class _Computed:
     orphan_images: int
     rejected: RejectedFiles
     conflicts: tuple[out.Conflict, ...]
-
-    def output_bytes(self) -> bytes:
-        return out.to_csv_bytes(self.output)
+    #: The keys whose manifest rows, and the users whose output rows, may differ from the previous
+    #: commit's (None: any of them).
+    changed_keys: frozenset[str] | None
+    changed_users: frozenset[str] | None
 
 
 def _compute(listing: pd.DataFrame, state: _State, fresh: pd.DataFrame, misnamed: dict[str, str]) -> _Computed:
@@ -571,6 +638,8 @@ def _compute(listing: pd.DataFrame, state: _State, fresh: pd.DataFrame, misnamed
     release_free_heap()  # what the listing and the fetches left behind
     manifest = mf.merge(listing, state.manifest, fresh, state.seed)
     manifest_changed = not manifest.equals(state.manifest)
+    if not manifest_changed:
+        manifest = state.manifest  # the same rows: the commit reuses what it knows of them
     # The output is a function of the manifest: an unchanged one needs no new derivation.
     output = out.derive(manifest) if manifest_changed or state.full_rebuild else state.previous_output
     is_image = (manifest["kind"] == Kind.IMAGE.value).to_numpy()
@@ -585,9 +654,58 @@ def _compute(listing: pd.DataFrame, state: _State, fresh: pd.DataFrame, misnamed
         orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
         rejected=rejected,
         conflicts=tuple(out.conflicts(manifest)),
+        changed_keys=None if manifest_changed else frozenset(),
+        changed_users=frozenset() if output is state.previous_output else None,
     )
     release_free_heap()  # the temporaries of the merge and the derivation, before the commit's own
     return computed
+
+
+def _compute_targeted(
+    listing: pd.DataFrame, replaced: np.ndarray, state: _State, fresh: pd.DataFrame, misnamed: dict[str, str]
+) -> _Computed:
+    """`_compute` for a targeted run, at a cost that grows with the keys it named, not the bucket.
+
+    Merging is row by row, and a user's output row depends only on that user's manifest rows: so the
+    named rows are merged alone, and only the output rows of the users they belong to (before or now)
+    are derived again. The result equals `_compute` over the whole listing (a property test checks it).
+    """
+    before = state.manifest[replaced].reset_index(drop=True)
+    rows = mf.merge(listing, before, fresh)
+    manifest_changed = not _same_rows(before, rows)
+    manifest = _splice(state.manifest[~replaced], rows) if manifest_changed else state.manifest
+    previous = state.previous_output
+    users: np.ndarray = np.empty(0, dtype=object)
+    if manifest_changed:
+        users = pd.unique(np.concatenate([before["user_id"].to_numpy(), rows["user_id"].to_numpy()]))
+        derived = out.derive(manifest[manifest["user_id"].isin(users).to_numpy()])
+        stale = previous["user_id"].isin(users).to_numpy()
+        output = _splice(previous[~stale], derived, by="user_id")
+        touched = out.compare(previous[stale], derived)
+        changes = replace(touched, unchanged=touched.unchanged + len(previous) - int(stale.sum()))
+    else:
+        output, changes = previous, out.compare(previous, previous)
+    is_image = (manifest["kind"] == Kind.IMAGE.value).to_numpy()
+    return _Computed(
+        manifest=manifest,
+        output=output,
+        changes=changes,
+        manifest_changed=manifest_changed,
+        output_changed=changes.added + changes.updated + changes.removed > 0 or _newly_carried(rows, fresh),
+        orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
+        rejected=_rejected_files(manifest, misnamed),
+        conflicts=tuple(out.conflicts(manifest)),
+        changed_keys=frozenset(before["key"]) | frozenset(rows["key"]),
+        changed_users=frozenset(users) if manifest_changed else frozenset(),
+    )
+
+
+def _same_rows(before: pd.DataFrame, after: pd.DataFrame) -> bool:
+    """Whether two sets of manifest rows are the same, whatever their order."""
+    if len(before) != len(after):
+        return False
+    ordered = [frame.sort_values("key", kind="stable", ignore_index=True) for frame in (before, after)]
+    return ordered[0].equals(ordered[1])
 
 
 def _rejected_files(manifest: pd.DataFrame, misnamed: dict[str, str] | None = None) -> RejectedFiles:

@@ -66,6 +66,10 @@ class LocalStore:
         path = self._path(key)
         return await asyncio.to_thread(_read, path, key, max_bytes)
 
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        path = self._path(key)
+        return await asyncio.to_thread(_read_with_info, path, key, max_bytes)
+
     @contextlib.asynccontextmanager
     async def open(self, key: str) -> AsyncIterator[ObjectStream]:
         path = self._path(key)
@@ -149,6 +153,12 @@ class _FileStream:
 
 def _open_object(path: Path, key: str) -> tuple[BinaryIO, int]:
     """The object's file, open for reading, and its size."""
+    handle, status = _open_with_status(path, key)
+    return handle, status.st_size
+
+
+def _open_with_status(path: Path, key: str) -> tuple[BinaryIO, os.stat_result]:
+    """The object's file, open for reading, and its status (of that file: writes replace files)."""
     try:
         # Objects are regular files: a symbolic link, which could point anywhere, is not one.
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block
@@ -166,16 +176,21 @@ def _open_object(path: Path, key: str) -> tuple[BinaryIO, int]:
     if not stat.S_ISREG(status.st_mode):  # a directory, a FIFO, a device
         os.close(fd)
         raise ObjectNotFound(f"no object {key!r}")
-    return os.fdopen(fd, "rb"), status.st_size
+    return os.fdopen(fd, "rb"), status
 
 
 def _read(path: Path, key: str, max_bytes: int | None) -> bytes:
-    handle, _ = _open_object(path, key)
+    return _read_with_info(path, key, max_bytes)[1]
+
+
+def _read_with_info(path: Path, key: str, max_bytes: int | None) -> tuple[ObjectInfo, bytes]:
+    handle, status = _open_with_status(path, key)
     with handle:
         try:
-            return handle.read() if max_bytes is None else handle.read(max_bytes + 1)
+            data = handle.read() if max_bytes is None else handle.read(max_bytes + 1)
         except OSError as exc:
             raise _error("read", key, path, exc) from exc
+    return _info(key, status), data
 
 
 class _Condition(NamedTuple):

@@ -8,10 +8,11 @@ import hashlib
 import io
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import TypeVar
 
 import aiohttp
@@ -139,19 +140,30 @@ class MinioStore:
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
         check_key(key)
-        return await self._call("read", key, lambda: self._get_once(key, max_bytes))
+        found = await self._call("read", key, lambda: self._get_once(key, max_bytes))
+        return b"" if found is None else found[1]
 
-    async def _get_once(self, key: str, max_bytes: int | None) -> bytes:
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        check_key(key)
+        found = await self._call("read", key, lambda: self._get_once(key, max_bytes))
+        if found is None:  # an empty object: a ranged GET of it says nothing
+            return await self.stat(key), b""
+        headers, data = found
+        return _response_info(key, headers), data
+
+    async def _get_once(self, key: str, max_bytes: int | None) -> tuple[Mapping[str, str], bytes] | None:
+        """The response's headers and the content (at most `max_bytes + 1` bytes); None for an empty
+        object read with a range."""
         limit = None if max_bytes is None else max_bytes + 1
         try:
             # A ranged GET: the server sends at most `limit` bytes.
             response = await self._client().get_object(self._bucket, key, length=limit or 0)
         except S3Error as exc:
             if exc.code == "InvalidRange":  # any range of an empty object is unsatisfiable
-                return b""
+                return None
             raise
         try:
-            return await _read_at_most(response, limit)
+            return response.headers, await _read_at_most(response, limit)
         finally:
             response.release()
 
@@ -430,6 +442,19 @@ def _info(key: str, obj: Object) -> ObjectInfo:
     if modified is None or obj.size is None:
         raise StorageError(f"incomplete metadata for {key!r} (no size or last-modified)")
     return ObjectInfo(key=key, etag=_unquote(obj.etag), size=obj.size, last_modified=_utc(modified))
+
+
+def _response_info(key: str, headers: Mapping[str, str]) -> ObjectInfo:
+    """The object's metadata from a GET's headers, as `stat` (a HEAD) reports it."""
+    total = headers.get("Content-Range", "").rpartition("/")[2]  # a ranged GET: "bytes 0-9/1234"
+    size = total if total.isdigit() else headers.get("Content-Length", "")
+    try:
+        modified = parsedate_to_datetime(headers["Last-Modified"])
+    except (KeyError, TypeError, ValueError):
+        modified = None
+    if modified is None or not size.isdigit():
+        raise StorageError(f"incomplete metadata for {key!r} (no size or last-modified)")
+    return ObjectInfo(key=key, etag=_unquote(headers.get("ETag")), size=int(size), last_modified=_utc(modified))
 
 
 def _utc(value: datetime) -> datetime:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from .blocks import BlockWriter
 from .keys import Kind
 from .manifest import positions
 from .parsing import valid_values
@@ -95,9 +97,27 @@ def compare(old: pd.DataFrame, new: pd.DataFrame) -> Changes:
 
 
 def to_csv_bytes(table: pd.DataFrame) -> bytes:
-    buffer = io.BytesIO()
-    table[OUTPUT_COLUMNS].to_csv(buffer, index=False, lineterminator="\n", encoding="utf-8")
-    return buffer.getvalue()
+    """The table as output.csv, written afresh (see `Writer`)."""
+    return Writer(keep=False).write(table)
+
+
+class Writer:
+    """Writes output.csv; with `keep`, each block of rows stays formatted for the next write, so a
+    commit that changed a few users formats only their blocks (`blocks.BlockWriter`)."""
+
+    def __init__(self, *, keep: bool) -> None:
+        self._rows = BlockWriter(OUTPUT_COLUMNS, "user_id", _as_is, keep=keep)
+
+    def write(self, table: pd.DataFrame, previous: pd.DataFrame | None = None, changed: Collection[str] = ()) -> bytes:
+        """`table` as output.csv (see `BlockWriter.write` for `previous` and `changed`, user ids here)."""
+        return b"".join([_HEADER, *self._rows.write(table, previous, changed)])
+
+
+_HEADER = ",".join(OUTPUT_COLUMNS).encode() + b"\n"
+
+
+def _as_is(data: bytes) -> bytes:
+    return data
 
 
 def from_csv_bytes(data: bytes, now_ms: int) -> tuple[pd.DataFrame, int]:

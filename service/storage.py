@@ -48,6 +48,10 @@ class ObjectStore(Protocol):
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
         """Return the object's content; at most `max_bytes + 1` bytes are read when given."""
 
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        """`get`, and the object's metadata as `stat` reports it, from the same read: the content is the
+        version the metadata describes."""
+
     def open(self, key: str) -> AbstractAsyncContextManager[ObjectStream]:
         """Open the object for streaming (`async with`); leaving the block releases it, read or not.
 

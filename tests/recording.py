@@ -38,6 +38,12 @@ class Recording:
         self.reads.append((key, max_bytes, len(data)))
         return data
 
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        self.gets.append(key)
+        info, data = await self.inner.get_with_info(key, max_bytes)
+        self.reads.append((key, max_bytes, len(data)))
+        return info, data
+
     @contextlib.asynccontextmanager
     async def open(self, key: str) -> AsyncIterator[ObjectStream]:
         async with self.inner.open(key) as stream:

@@ -20,7 +20,7 @@ from yarl import URL
 
 from service.local_store import LocalStore
 from service.snapshot import Snapshot
-from service.storage import ObjectStore
+from service.storage import ObjectInfo, ObjectStore
 
 NEVER = "0 0 1 1 *"  # the schedule stays out of the way; tests trigger runs themselves
 TODAY = datetime.now(UTC).date()
@@ -132,6 +132,11 @@ class SlowStore(LocalStore):
         if key.startswith("src-data/"):
             await self.gate.wait()
         return await super().get(key, max_bytes)
+
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        if key.startswith("src-data/"):
+            await self.gate.wait()
+        return await super().get_with_info(key, max_bytes)
 
 
 def snapshot_of(rows: list[tuple[str, int, str]]) -> Snapshot:

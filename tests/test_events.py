@@ -33,6 +33,7 @@ from service.local_store import LocalStore
 from service.notifications import parse
 from service.report import Outcome, RunKind, RunReport
 from service.runner import Runner
+from service.storage import ObjectInfo
 
 TOKEN = "events-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -307,7 +308,19 @@ async def test_a_targeted_run_lists_when_it_must(local: LocalStore) -> None:
             raise ObjectUnreadable(f"cannot read {key!r}: permission denied")
         return await get(key, max_bytes)
 
-    local.stat, local.get = refusing_stat, refusing_get  # type: ignore[method-assign]
+    async def refusing_read(key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        return await local.stat(key), await local.get(key, max_bytes)
+
+    # The store lets the file be stat'ed but not read: the targeted run rejects it with the reason.
+    local.get, local.get_with_info = refusing_get, refusing_read  # type: ignore[method-assign]
+    result = await aggregator.run(targets=Targets(frozenset({locked})))
+    assert result.report.kind is RunKind.TARGETED
+    assert [(f.key, f.reason.startswith("unreadable")) for f in result.rejected.page(slice(None))] == [
+        ("src-data/broken.csv", False), (locked, True),
+    ]  # fmt: skip
+    # Nor stat'ed: only a listing shows it.
+    local.stat = refusing_stat  # type: ignore[method-assign]
+    await local.put(locked, csv_of("locked", years_ago(21)))
     result = await aggregator.run(targets=Targets(frozenset({locked})))
     assert result.report.kind is RunKind.FULL, "a listing shows it, and the run rejects it"
     assert [(f.key, f.reason.startswith("unreadable")) for f in result.rejected.page(slice(None))] == [
@@ -326,12 +339,20 @@ class Gate:
         self.open.set()
         original = store.get
 
+        original_with_info = store.get_with_info
+
         async def get(key: str, max_bytes: int | None = None) -> bytes:
             if key.startswith("src-data/"):
                 await self.open.wait()
             return await original(key, max_bytes)
 
+        async def get_with_info(key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+            if key.startswith("src-data/"):
+                await self.open.wait()
+            return await original_with_info(key, max_bytes)
+
         store.get = get  # type: ignore[method-assign]
+        store.get_with_info = get_with_info  # type: ignore[method-assign]
 
 
 def wired(store: LocalStore, *, capacity: int = 100) -> tuple[Runner, EventIntake, list[RunResult]]:
@@ -397,18 +418,18 @@ async def test_a_failed_targeted_run_needs_a_listing(local: LocalStore) -> None:
     runner, intake, _ = wired(local)
     await runner.run("startup")
     serving = asyncio.create_task(intake.serve())
-    original = local.stat
+    original = local.get_with_info
 
-    async def broken(key: str) -> Any:
+    async def broken(key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
         if key.startswith("src-data/"):
             raise StorageError("connection refused (injected)")
-        return await original(key)
+        return await original(key, max_bytes)
 
-    local.stat = broken  # type: ignore[method-assign]
+    local.get_with_info = broken  # type: ignore[method-assign]
     intake.offer(Targets(frozenset({"src-data/1000.csv"})))
     await _until(lambda: intake.needs_listing)
     assert runner.history[-1].kind is RunKind.TARGETED and runner.history[-1].outcome is Outcome.FAILED
-    local.stat = original  # type: ignore[method-assign]
+    local.get_with_info = original  # type: ignore[method-assign]
     report = await _scheduled(runner)
     assert report.kind is RunKind.FULL and report.outcome is Outcome.SUCCEEDED and not intake.needs_listing
     serving.cancel()
@@ -516,7 +537,9 @@ class EventsAgainstListings(RuleBasedStateMachine):
         self.loop = asyncio.new_event_loop()
         self.root = Path(tempfile.mkdtemp())
         self.store = LocalStore(self.root, "lake")
-        self.targeted = Aggregator(self.store, src_prefix="src-data/", output_key="t/output.csv", concurrency=4)
+        self.targeted = Aggregator(
+            self.store, src_prefix="src-data/", output_key="t/output.csv", concurrency=4, keep_blocks=True
+        )
         self.full = Aggregator(self.store, src_prefix="src-data/", output_key="f/output.csv", concurrency=4)
         self.keys: set[str] = set()
         self.touched: set[str] = set()

@@ -8,8 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from service import blocks as bl
 from service import manifest as mf
-from service.output import OUTPUT_COLUMNS, Changes, compare, conflicts, derive
+from service.output import OUTPUT_COLUMNS, Changes, Writer, compare, conflicts, derive, to_csv_bytes
 
 
 def listing(*rows: tuple[str, str, str]) -> pd.DataFrame:
@@ -202,8 +203,8 @@ def test_a_manifest_value_out_of_any_integer_range_makes_it_unusable() -> None:
         mf.from_bytes(gz(text.replace(b",A,B,1", b",A,B,99999999999999999999")), NOW)
 
 
-def test_serialization_in_slices_round_trips_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(mf, "_SLICE_ROWS", 3)
+def test_serialization_in_blocks_round_trips_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bl, "BLOCK_ROWS", 3)
     rows = [(f"s/{i}.csv", f"e{i}", "csv") for i in range(7)]
     merged = mf.merge(
         listing(*rows), mf.empty(), results(*((k, "", ("A", k, i)) for i, (k, _, _) in enumerate(rows))), NO_SEED
@@ -213,6 +214,65 @@ def test_serialization_in_slices_round_trips_every_row(monkeypatch: pytest.Monke
     frame, _ = mf.from_bytes(data, NOW)
     pd.testing.assert_frame_equal(frame, merged)
     assert mf.to_bytes(merged, mf.ManifestHeader(2, "etag-y")) == data  # deterministic: no timestamp inside
+
+
+def manifest_of(keys: list[str], name: str = "A") -> pd.DataFrame:
+    rows = [(key, f"e-{key}-{name}", "csv") for key in keys]
+    return mf.merge(listing(*rows), mf.empty(), results(*((k, "", (name, "B", 1)) for k, _, _ in rows)), NO_SEED)
+
+
+def test_a_commit_encodes_only_the_blocks_of_the_rows_it_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks without a changed row are copied from the previous encoding; the result reads back as the
+    manifest, equal to encoding it afresh."""
+    monkeypatch.setattr(bl, "BLOCK_ROWS", 8)
+    encoded: list[bytes] = []
+    member = mf._member
+    monkeypatch.setattr(mf, "_member", lambda data: encoded.append(data) or member(data))
+    encoder = mf.Encoder(keep=True)
+    before = manifest_of([f"s/{i:04d}.csv" for i in range(400)])
+    first = encoder.encode(before, mf.ManifestHeader(1, "x"))
+    blocks = len(encoded) - 1  # the first member is the header
+    assert blocks > 10 and gzip.decompress(first).count(b"key,etag") == 1
+
+    changed = {"s/0007.csv", "s/0100.csv", "s/0399.csv", "s/0200a.csv"}  # one added, one removed
+    kept = before[~before["key"].isin(changed)]
+    fresh = manifest_of(["s/0007.csv", "s/0100.csv", "s/0200a.csv"], name="Z")
+    after = pd.concat([kept, fresh]).sort_values("key", ignore_index=True)
+    encoded.clear()
+    data = encoder.encode(after, mf.ManifestHeader(2, "y"), previous=before, changed=changed)
+    assert 1 < len(encoded) <= 1 + 2 * len(changed)  # the header and the blocks of the changed rows
+    frame, header = mf.from_bytes(data, NOW)
+    assert header == mf.ManifestHeader(2, "y")
+    pd.testing.assert_frame_equal(frame, after)
+    assert gzip.decompress(data) == gzip.decompress(mf.to_bytes(after, mf.ManifestHeader(2, "y")))
+
+    encoded.clear()  # not the manifest it encoded last: every block is encoded
+    encoder.encode(after, mf.ManifestHeader(3, "z"), previous=before, changed=changed)
+    assert len(encoded) == 1 + len(bl.block_ends(after["key"].to_numpy(dtype=object)))
+
+
+AWKWARD = ["NA", "null", "", "a,b", 'q"uote', "new\nline", "cr\rlf", "  spaced  ", "ünï", "1e5", "True"]
+
+
+@pytest.mark.parametrize("block_rows", [1, 3, 64])
+def test_the_output_is_written_as_pandas_writes_csv(monkeypatch: pytest.MonkeyPatch, block_rows: int) -> None:
+    monkeypatch.setattr(bl, "BLOCK_ROWS", block_rows)
+    table = pd.DataFrame(
+        {
+            "user_id": [f"u{i:03d}" for i in range(len(AWKWARD) ** 2)],
+            "first_name": [a for a in AWKWARD for _ in AWKWARD],
+            "last_name": [b for _ in AWKWARD for b in AWKWARD],
+            "birthts": [(-1) ** i * 10**i for i in range(len(AWKWARD) ** 2)],
+            "img_path": [f"s/{a}.png" for a in AWKWARD for _ in AWKWARD],
+        }
+    )
+    expected = table.to_csv(index=False, lineterminator="\n").encode()
+    writer = Writer(keep=True)
+    assert to_csv_bytes(table) == writer.write(table) == expected
+    changed = table.copy()
+    changed.loc[5, "first_name"] = "Changed, \"quoted\""
+    rows = changed.drop(index=[7, 8]).reset_index(drop=True)
+    assert writer.write(rows, table, {"u005", "u007", "u008"}) == rows.to_csv(index=False, lineterminator="\n").encode()
 
 
 def test_etag_digests_are_stable_64_bit_values() -> None:

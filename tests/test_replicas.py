@@ -787,6 +787,12 @@ class Stalling(Recording):
             await self.gate.wait()
         return await super().get(key, max_bytes)
 
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        if key.startswith(SRC) and not self.gate.is_set():
+            self.reached.set()
+            await self.gate.wait()
+        return await super().get_with_info(key, max_bytes)
+
     async def list(self, prefix: str) -> AsyncIterator[list[ObjectInfo]]:
         if self.fail_list:
             raise StorageError(f"injected failure listing {prefix}")

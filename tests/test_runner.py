@@ -20,7 +20,7 @@ from service.errors import StorageError
 from service.local_store import LocalStore
 from service.report import REJECTED_SAMPLE, Outcome
 from service.runner import REJECTIONS_LOGGED, Runner, RunnerClosed
-from service.storage import ObjectStore
+from service.storage import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
     from conftest import ManyRejected
@@ -43,6 +43,13 @@ class GatedStore(LocalStore):
         if key.startswith("src-data/"):
             await self.gate.wait()
         return await super().get(key, max_bytes)
+
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        if self.broken:
+            raise StorageError("connection refused (injected)")
+        if key.startswith("src-data/"):
+            await self.gate.wait()
+        return await super().get_with_info(key, max_bytes)
 
     async def stat(self, key: str):  # type: ignore[no-untyped-def]
         if self.broken:

@@ -164,6 +164,20 @@ async def test_get_reads_at_most_max_bytes_plus_one(store: ObjectStore, max_byte
     assert await store.get("big.csv", max_bytes=max_bytes) == data[:expected]
 
 
+@pytest.mark.parametrize(("size", "max_bytes"), [(100, None), (100, 10), (100, 5000), (0, 10), (0, None)])
+async def test_get_with_info_reads_the_content_and_what_stat_says(
+    store: ObjectStore, size: int, max_bytes: int | None
+) -> None:
+    """One request for what a stat and a get give: the same metadata, the same bytes."""
+    data = bytes(range(size))
+    etag = await store.put("one.csv", data)
+    info, content = await store.get_with_info("one.csv", max_bytes)
+    assert info == await store.stat("one.csv") and info.etag == etag and info.size == size
+    assert content == await store.get("one.csv", max_bytes) == data[: None if max_bytes is None else max_bytes + 1]
+    with pytest.raises(ObjectNotFound):
+        await store.get_with_info("missing.csv", max_bytes)
+
+
 async def test_open_streams_the_object_in_chunks_of_at_most_the_size_asked(store: ObjectStore) -> None:
     data = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and 4 bytes
     await store.put("img/1.png", data)
