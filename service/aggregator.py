@@ -95,6 +95,7 @@ class _Committed:
     manifest: pd.DataFrame
     header: mf.ManifestHeader
     output: pd.DataFrame
+    conflicts: tuple[out.Conflict, ...] | None = None  # None until a run needs them
 
 
 @dataclass
@@ -109,6 +110,7 @@ class _State:
     output_in_step: bool  # the stored output is the one the manifest vouches for
     started_from: _Stored  # the commit is conditional on these ETags: nobody else committed meanwhile
     warnings: list[str] = field(default_factory=list)
+    previous_conflicts: tuple[out.Conflict, ...] | None = None  # the manifest's, when known
 
 
 @dataclass(frozen=True)
@@ -300,10 +302,11 @@ class Aggregator:
                     "between its writes): it is derived again from the manifest"
                 )
             _log_all(warnings)
-            cached = self._committed
-            previous = cached.output if cached and cached.header == header else out.derive(manifest)
+            cached = self._committed if self._committed and self._committed.header == header else None
+            previous = cached.output if cached else out.derive(manifest)
             return _State(manifest, header, previous, None, full_rebuild=False, output_in_step=in_step,
-                          started_from=stored, warnings=warnings)  # fmt: skip
+                          started_from=stored, warnings=warnings,
+                          previous_conflicts=cached.conflicts if cached else None)  # fmt: skip
         if output is not None and not warnings:
             warnings.append(f"no manifest beside {self.output_key}: rebuilding from scratch")
         seed = await self._read_seed(output, warnings, now_ms) if output is not None else None
@@ -550,7 +553,7 @@ class Aggregator:
             # Unchanged: the manifest this run started from (the cache may hold a later one meanwhile,
             # read by the follower).
             manifest_etag = state.started_from.manifest or self._committed.manifest_etag
-        self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output)
+        self._committed = _Committed(manifest_etag, computed.manifest, new_header, computed.output, computed.conflicts)
         self._version = version
         self.committed_etag = manifest_etag
         return version, written
@@ -676,9 +679,20 @@ def _compute_targeted(
     manifest = _splice(state.manifest[~replaced], rows) if manifest_changed else state.manifest
     previous = state.previous_output
     users: np.ndarray = np.empty(0, dtype=object)
+    conflicts = state.previous_conflicts
+    if conflicts is None:  # a manifest another process committed
+        conflicts = tuple(out.conflicts(state.manifest))
     if manifest_changed:
         users = pd.unique(np.concatenate([before["user_id"].to_numpy(), rows["user_id"].to_numpy()]))
-        derived = out.derive(manifest[manifest["user_id"].isin(users).to_numpy()])
+        theirs = manifest[manifest["user_id"].isin(users).to_numpy()]
+        derived = out.derive(theirs)
+        touched_users = set(users.tolist())
+        conflicts = tuple(
+            sorted(
+                [c for c in conflicts if c.user_id not in touched_users] + out.conflicts(theirs),
+                key=lambda conflict: (conflict.user_id, conflict.kind),
+            )
+        )
         stale = previous["user_id"].isin(users).to_numpy()
         output = _splice(previous[~stale], derived, by="user_id")
         touched = out.compare(previous[stale], derived)
@@ -694,7 +708,7 @@ def _compute_targeted(
         output_changed=changes.added + changes.updated + changes.removed > 0 or _newly_carried(rows, fresh),
         orphan_images=int((~manifest["user_id"][is_image].isin(output["user_id"])).sum()),
         rejected=_rejected_files(manifest, misnamed),
-        conflicts=tuple(out.conflicts(manifest)),
+        conflicts=conflicts,
         changed_keys=frozenset(before["key"]) | frozenset(rows["key"]),
         changed_users=frozenset(users) if manifest_changed else frozenset(),
     )

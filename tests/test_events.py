@@ -607,6 +607,7 @@ class EventsAgainstListings(RuleBasedStateMachine):
         assert self._manifest("t/output.csv").equals(self._manifest("f/output.csv"))
         assert list(targeted.rejected.keys) == list(full.rejected.keys)
         assert list(targeted.rejected.reasons) == list(full.rejected.reasons)
+        assert targeted.report.conflicts == full.report.conflicts
         assert (targeted.report.added, targeted.report.updated, targeted.report.removed) == (
             full.report.added, full.report.updated, full.report.removed,
         )  # fmt: skip

@@ -270,7 +270,7 @@ def test_the_output_is_written_as_pandas_writes_csv(monkeypatch: pytest.MonkeyPa
     writer = Writer(keep=True)
     assert to_csv_bytes(table) == writer.write(table) == expected
     changed = table.copy()
-    changed.loc[5, "first_name"] = "Changed, \"quoted\""
+    changed.loc[5, "first_name"] = 'Changed, "quoted"'
     rows = changed.drop(index=[7, 8]).reset_index(drop=True)
     assert writer.write(rows, table, {"u005", "u007", "u008"}) == rows.to_csv(index=False, lineterminator="\n").encode()
 
