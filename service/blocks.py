@@ -20,6 +20,11 @@ BLOCK_ROWS = 64
 """Rows in a block, on average: smaller blocks mean less to redo for scattered changes, more blocks."""
 
 
+SLICE_ROWS = 50_000
+"""Rows in a block when blocks are not kept (a plain write): at a million rows the plain CSV is about
+170 MiB, so a manifest is compressed a slice at a time."""
+
+
 class BlockWriter:
     """Writes `columns` of a table as CSV rows, block by block; `seal` turns a block's CSV into what is
     stored (compresses it, say). With `keep`, the blocks of the last write are kept for the next.
@@ -41,7 +46,12 @@ class BlockWriter:
         """`table`'s blocks. When `previous` is the table written last and `table` differs from it only
         in the rows of the `changed` keys (added, removed or modified), the other blocks are reused."""
         keys = table[self._key].to_numpy(dtype=object)
-        ends = block_ends(keys)
+        # Blocks that are not kept need no boundaries by key: slices bound the memory a write takes.
+        ends = (
+            block_ends(keys)
+            if self._keep
+            else np.arange(SLICE_ROWS, len(keys) + SLICE_ROWS, SLICE_ROWS).clip(max=len(keys))
+        )
         starts = np.concatenate([np.zeros(min(len(ends), 1), dtype=np.intp), ends[:-1]])
         known = self._blocks if previous is not None and previous is self._written else {}
         dirty = np.ones(len(ends), dtype=bool)

@@ -203,8 +203,8 @@ def test_a_manifest_value_out_of_any_integer_range_makes_it_unusable() -> None:
         mf.from_bytes(gz(text.replace(b",A,B,1", b",A,B,99999999999999999999")), NOW)
 
 
-def test_serialization_in_blocks_round_trips_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bl, "BLOCK_ROWS", 3)
+def test_serialization_in_slices_round_trips_every_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bl, "SLICE_ROWS", 3)
     rows = [(f"s/{i}.csv", f"e{i}", "csv") for i in range(7)]
     merged = mf.merge(
         listing(*rows), mf.empty(), results(*((k, "", ("A", k, i)) for i, (k, _, _) in enumerate(rows))), NO_SEED
@@ -257,6 +257,7 @@ AWKWARD = ["NA", "null", "", "a,b", 'q"uote', "new\nline", "cr\rlf", "  spaced  
 @pytest.mark.parametrize("block_rows", [1, 3, 64])
 def test_the_output_is_written_as_pandas_writes_csv(monkeypatch: pytest.MonkeyPatch, block_rows: int) -> None:
     monkeypatch.setattr(bl, "BLOCK_ROWS", block_rows)
+    monkeypatch.setattr(bl, "SLICE_ROWS", block_rows)
     table = pd.DataFrame(
         {
             "user_id": [f"u{i:03d}" for i in range(len(AWKWARD) ** 2)],
