@@ -363,7 +363,7 @@ class Aggregator:
         """A targeted run's scan: the previous manifest's listing rows, with those of the named keys and
         folders replaced by what the store says now. None when only a listing will do: no manifest to
         start from, no full run yet in this process (misnamed keys are known from one), a folder that
-        holds the whole prefix, or a key the store will not stat."""
+        holds the whole prefix, or a key the store will neither read nor stat."""
         if state.full_rebuild or self._misnamed is None:
             return None
         named = self._relevant(targets)
