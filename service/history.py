@@ -57,10 +57,10 @@ class HistoryStore:
 
     async def _read(self) -> tuple[list[RunReport], str | None]:
         try:
-            etag = (await self._store.stat(self.key)).etag
-            data = await self._store.get(self.key)
+            info, data = await self._store.get_with_info(self.key)  # one request; the ETag is of this content
         except ObjectNotFound:
             return [], None
+        etag = info.etag
         try:
             return await asyncio.to_thread(_decode, data, self.limit), etag
         except (ValueError, KeyError, TypeError) as exc:

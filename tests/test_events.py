@@ -33,7 +33,7 @@ from service.local_store import LocalStore
 from service.notifications import parse
 from service.report import Outcome, RunKind, RunReport
 from service.runner import Runner
-from service.storage import ObjectInfo
+from service.storage import ObjectInfo, ObjectStore
 
 TOKEN = "events-token-123"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -629,6 +629,8 @@ TestEventsAgainstListings = EventsAgainstListings.TestCase
 
 
 async def test_seaweedfs_filer_webhook_end_to_end(aiohttp_client: ClientFactory) -> None:
+    """Every kind of change reaches the service by events alone; changes made while it was down are
+    repaired by its start-up listing; and the output is always the one a full run computes afresh."""
     (port,) = free_ports(1)
     notification = (
         "[notification.webhook]\nenabled = true\n"
@@ -637,27 +639,76 @@ async def test_seaweedfs_filer_webhook_end_to_end(aiohttp_client: ClientFactory)
     server = SeaweedServer(notification=notification)
     await asyncio.to_thread(server.start)
     store = server.store("events-e2e")
+    writer = server.store("events-e2e")
     try:
         await seed(store)
-        app = create_app(events_settings(bucket="events-e2e"), store=store)
-        client = await aiohttp_client(TestServer(app, host="127.0.0.1", port=port))
+        settings = events_settings(bucket="events-e2e")
+        client = await aiohttp_client(TestServer(create_app(settings, store=store), host="127.0.0.1", port=port))
         await wait_ready(client)
         before = max(run["runId"] for run in await runs(client))
-        writer = server.store("events-e2e")
-        try:
-            await writer.put("src-data/new/5000.csv", csv_of("5000", years_ago(52)))
-            await writer.put("src-data/new/5000.png", b"png")
-            await eventually(lambda: _has_image(client, "5000"))
-            await writer.delete("src-data/1002.csv")
-            await eventually(lambda: _gone(client, "1002"))
-        finally:
-            await writer.close()
+        await writer.put("src-data/new/5000.csv", csv_of("5000", years_ago(52)))
+        await writer.put("src-data/new/5000.png", b"png")
+        await eventually(lambda: _has_image(client, "5000"))
+        await writer.put("src-data/1000.csv", b"first_name, last_name, birthts\nRenamed, Last1000, 0\n")
+        await eventually(lambda: _first_name_is(client, "1000", "Renamed"))
+        await writer.delete("src-data/new/5000.png")
+        await eventually(lambda: _has_no_image(client, "5000"))
+        await writer.delete("src-data/1002.csv")
+        await eventually(lambda: _gone(client, "1002"))
+        streamed = [str(7000 + i) for i in range(40)]
+        for user_id in streamed:  # a steady stream: 20 files a second
+            await writer.put(f"src-data/stream/{user_id}.csv", csv_of(user_id, years_ago(20)))
+            await asyncio.sleep(0.05)
+        await eventually(lambda: _all_served(client, streamed))
         kinds = {run["kind"] for run in await runs(client) if run["trigger"] == "events" and run["runId"] > before}
         assert kinds == {"TARGETED"}, await runs(client)
         metrics = await (await client.get("/metrics")).text()
         assert re.search(r'bucket_events_total\{outcome="queued"\} [1-9]', metrics)
+        assert await _output(store) == await _view(store, "check/1/output.csv"), "events kept the output exact"
+
+        last = max(run["runId"] for run in await runs(client))
+        await client.close()  # down: what the filer posts meanwhile is lost
+        await writer.put("src-data/down/6000.csv", csv_of("6000", years_ago(40)))
+        await writer.delete("src-data/1001.csv")
+        client = await aiohttp_client(TestServer(create_app(settings, store=store), host="127.0.0.1", port=port))
+        await wait_ready(client)
+        await eventually(lambda: _started_up(client, after=last))
+        start_up = next(run for run in await runs(client) if run["trigger"] == "startup" and run["runId"] > last)
+        assert (start_up["kind"], start_up["added"], start_up["removed"]) == ("FULL", 1, 1), start_up
+        assert await user(client, "6000") is not None and await user(client, "1001") is None
+        assert await _output(store) == await _view(store, "check/2/output.csv"), "the listing repaired it"
     finally:
+        await writer.close()
         await asyncio.to_thread(server.stop)
+
+
+async def _first_name_is(client: TestClient[Any, Any], user_id: str, name: str) -> bool:
+    found = await user(client, user_id)
+    return found is not None and found["firstName"] == name
+
+
+async def _has_no_image(client: TestClient[Any, Any], user_id: str) -> bool:
+    found = await user(client, user_id)
+    return found is not None and found["imgPath"] is None
+
+
+async def _all_served(client: TestClient[Any, Any], user_ids: list[str]) -> bool:
+    body = await gql(client, "{ users(limit: 1000) { userId } }")
+    return set(user_ids) <= {row["userId"] for row in body["data"]["users"]}
+
+
+async def _started_up(client: TestClient[Any, Any], after: int) -> bool:
+    return any(run["trigger"] == "startup" and run["runId"] > after for run in await runs(client))
+
+
+async def _output(store: ObjectStore) -> bytes:
+    return await store.get(OUTPUT)
+
+
+async def _view(store: ObjectStore, output_key: str) -> bytes:
+    """The output a full run computes from the source as it is now, written under `output_key`."""
+    await Aggregator(store, src_prefix="src-data/", output_key=output_key, concurrency=8).run()
+    return await store.get(output_key)
 
 
 async def _has_image(client: TestClient[Any, Any], user_id: str) -> bool:

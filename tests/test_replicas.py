@@ -391,11 +391,18 @@ class FailingOnce(Recording):
         self.failed: list[str] = []
 
     async def get(self, key: str, max_bytes: int | None = None) -> bytes:
+        self._stumble(key)
+        return await super().get(key, max_bytes)
+
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        self._stumble(key)
+        return await super().get_with_info(key, max_bytes)
+
+    def _stumble(self, key: str) -> None:
         if key in self.keys:
             self.keys.discard(key)
             self.failed.append(key)
             raise StorageError(f"injected failure reading {key}")
-        return await super().get(key, max_bytes)
 
 
 async def test_a_follower_whose_look_fails_looks_again(aiohttp_client: ClientFactory, tmp_path: Path) -> None:
