@@ -363,9 +363,18 @@ async def _stat_or_none(store: ObjectStore, key: str) -> ObjectInfo | None:
 STARTUP = web.AppKey("startup", _StartUp)
 
 
+_WHAT_STOPS = {
+    "startup": "the service will not become ready",
+    "events": "bucket events are no longer applied; scheduled runs still list the prefix",
+    "follower": "commits by other replicas are no longer served until this process makes one",
+}
+
+
 def _log_failure(task: asyncio.Task[None]) -> None:
+    """A background task that ended with an error: say which, and what no longer happens."""
     if not task.cancelled() and (exc := task.exception()) is not None:
-        logger.error("start-up failed; the service will not become ready", exc_info=exc)
+        name = task.get_name()
+        logger.error("the %s task failed; %s", name, _WHAT_STOPS.get(name, "it does not run again"), exc_info=exc)
 
 
 async def scheduled_run(runner: Runner, lease: Lease | None = None) -> None:

@@ -510,6 +510,19 @@ async def test_events_lost_while_the_service_was_down_are_repaired(
     await eventually(counted)
 
 
+async def test_an_events_task_that_fails_says_what_stops(
+    aiohttp_client: ClientFactory, local: LocalStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def broken(self: EventIntake) -> None:
+        raise RuntimeError("an unexpected bug in the intake")
+
+    monkeypatch.setattr(EventIntake, "serve", broken)
+    client = await aiohttp_client(create_app(events_settings(), store=local))
+    await wait_ready(client)
+    failure = next(r for r in caplog.records if r.getMessage().startswith("the events task failed"))
+    assert "no longer applied; scheduled runs still list" in failure.getMessage() and failure.exc_info is not None
+
+
 async def test_a_restarted_intake_needs_a_listing_until_a_full_run(local: LocalStore) -> None:
     runner, intake, _ = wired(local)
     assert intake.needs_listing, "it cannot know what happened while the process was down"
