@@ -11,6 +11,7 @@ from __future__ import annotations
 import array
 import asyncio
 import logging
+import threading
 from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -188,6 +189,8 @@ class Aggregator:
         # (about the size of the stored output plus the compressed manifest): for targeted runs.
         self._manifest_encoder = mf.Encoder(keep=keep_blocks)
         self._output_writer = out.Writer(keep=keep_blocks)
+        self._decoder = mf.Decoder()  # keeps the last manifest read, block by block, for the next read
+        self._decoding = threading.Lock()
         self._version = 0  # the newest commit this process made or read: versions never go back
         #: The manifest ETag of the commit this process's last successful run ended on (written by it, or
         #: found unchanged): what that run served. None before such a run.
@@ -327,15 +330,27 @@ class Aggregator:
         cached = self._committed
         if cached is not None and cached.manifest_etag == etag:
             return cached.manifest, cached.header, etag
-        data = await self._store.get(self.manifest_key)
+        info, data = await self._store.get_with_info(self.manifest_key)  # the ETag of what is read
+        etag = info.etag
         try:
-            manifest, header = await asyncio.to_thread(_parse_manifest, data, now_ms)
+            decoded = await asyncio.to_thread(self._decode, data, now_ms)
         except mf.ManifestError as exc:
             warnings.append(f"manifest {self.manifest_key} is unusable ({exc}): rebuilding from scratch")
             return None, None, etag
-        self._committed = _Committed(etag, manifest, header, out.derive(manifest))
+        del data
+        output = await asyncio.to_thread(_derive_read, decoded, self._committed)
+        manifest, header = decoded.frame, decoded.header
+        self._committed = _Committed(etag, manifest, header, output)
         self._version = max(self._version, header.version)
         return manifest, header, etag
+
+    def _decode(self, data: bytes, now_ms: int) -> mf.Decoded:
+        """Decode a stored manifest (in a worker thread: the runner and the follower may both read)."""
+        with self._decoding:
+            decoded = self._decoder.decode(data, now_ms)
+        if decoded.previous is None:
+            release_free_heap()  # the temporaries of a whole read
+        return decoded
 
     async def _read_seed(self, output: ObjectInfo, warnings: list[str], now_ms: int) -> mf.Seed | None:
         """The stored output's rows: the only record of last valid rows when the manifest is lost."""
@@ -684,8 +699,7 @@ def _compute_targeted(
         conflicts = tuple(out.conflicts(state.manifest))
     if manifest_changed:
         users = pd.unique(np.concatenate([before["user_id"].to_numpy(), rows["user_id"].to_numpy()]))
-        theirs = manifest[manifest["user_id"].isin(users).to_numpy()]
-        derived = out.derive(theirs)
+        output, changes, theirs = _rederive(manifest, previous, users)
         touched_users = set(users.tolist())
         conflicts = tuple(
             sorted(
@@ -693,10 +707,6 @@ def _compute_targeted(
                 key=lambda conflict: (conflict.user_id, conflict.kind),
             )
         )
-        stale = previous["user_id"].isin(users).to_numpy()
-        output = _splice(previous[~stale], derived, by="user_id")
-        touched = out.compare(previous[stale], derived)
-        changes = replace(touched, unchanged=touched.unchanged + len(previous) - int(stale.sum()))
     else:
         output, changes = previous, out.compare(previous, previous)
     is_image = (manifest["kind"] == Kind.IMAGE.value).to_numpy()
@@ -744,11 +754,27 @@ def _newly_carried(manifest: pd.DataFrame, fresh: pd.DataFrame) -> bool:
     return bool(manifest["has_row"].to_numpy()[at].any())
 
 
-def _parse_manifest(data: bytes, now_ms: int) -> tuple[pd.DataFrame, mf.ManifestHeader]:
-    try:
-        return mf.from_bytes(data, now_ms)
-    finally:
-        release_free_heap()  # the parser's temporaries
+def _derive_read(decoded: mf.Decoded, known: _Committed | None) -> pd.DataFrame:
+    """The output of a manifest just read: only the changed users' rows are derived again when the
+    manifest was read from the blocks of the one whose output is known."""
+    users = decoded.changed_users
+    if users is not None and known is not None and decoded.previous is known.manifest:
+        return _rederive(decoded.frame, known.output, users)[0]
+    return out.derive(decoded.frame)
+
+
+def _rederive(
+    manifest: pd.DataFrame, previous: pd.DataFrame, users: np.ndarray
+) -> tuple[pd.DataFrame, out.Changes, pd.DataFrame]:
+    """`previous` (the output of a manifest that differs from `manifest` only in the rows of `users`)
+    with those users' rows derived again from `manifest`; the changes; and those users' manifest rows.
+    A user's output row depends on that user's manifest rows alone."""
+    theirs = manifest[manifest["user_id"].isin(users).to_numpy()]
+    derived = out.derive(theirs)
+    stale = previous["user_id"].isin(users).to_numpy()
+    output = _splice(previous[~stale], derived, by="user_id")
+    touched = out.compare(previous[stale], derived)
+    return output, replace(touched, unchanged=touched.unchanged + len(previous) - int(stale.sum())), theirs
 
 
 def _ms(moment: datetime) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable, Collection
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -23,6 +24,11 @@ BLOCK_ROWS = 64
 SLICE_ROWS = 50_000
 """Rows in a block when blocks are not kept (a plain write): at a million rows the plain CSV is about
 170 MiB, so a manifest is compressed a slice at a time."""
+
+
+class Block(NamedTuple):
+    rows: int
+    data: bytes  # sealed
 
 
 class BlockWriter:
@@ -42,8 +48,8 @@ class BlockWriter:
 
     def write(
         self, table: pd.DataFrame, previous: pd.DataFrame | None = None, changed: Collection[str] = ()
-    ) -> list[bytes]:
-        """`table`'s blocks. When `previous` is the table written last and `table` differs from it only
+    ) -> list[Block]:
+        """`table`'s blocks, in order. When `previous` is the table written last and `table` differs from it only
         in the rows of the `changed` keys (added, removed or modified), the other blocks are reused."""
         keys = table[self._key].to_numpy(dtype=object)
         # Blocks that are not kept need no boundaries by key: slices bound the memory a write takes.
@@ -61,7 +67,7 @@ class BlockWriter:
             dirty[np.searchsorted(ends, rows, side="right")] = True
         columns = [table[name].to_numpy(dtype=object) for name in self._columns]
         blocks: dict[tuple[object, object, int], bytes] = {}
-        written = []
+        written: list[Block] = []
         for start, end, is_dirty in zip(starts.tolist(), ends.tolist(), dirty.tolist(), strict=True):
             # The same first and last key and as many rows, none of them changed: the same rows.
             identity = (keys[start], keys[end - 1], end - start)
@@ -69,7 +75,7 @@ class BlockWriter:
             if block is None:
                 block = self._seal(csv_rows([column[start:end] for column in columns]))
             blocks[identity] = block
-            written.append(block)
+            written.append(Block(end - start, block))
         if self._keep:
             self._written, self._blocks = table, blocks
         return written

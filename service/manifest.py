@@ -260,9 +260,10 @@ class Encoder:
 
     The stored form is a gzip file of several members, which a reader sees as one stream: a JSON
     header line and the CSV header first, then one member per block of rows (`blocks.BlockWriter`).
-    A commit that changed a few hundred rows of a large manifest compresses only their blocks and
-    copies the rest from the previous commit: formatting and compressing rows is most of a
-    manifest's cost.
+    The header lists each block's rows and compressed size, so that a reader (`Decoder`) can tell the
+    blocks apart without decompressing them. A commit that changed a few hundred rows of a large
+    manifest compresses only their blocks and copies the rest from the previous commit: formatting
+    and compressing rows is most of a manifest's cost.
     """
 
     def __init__(self, *, keep: bool) -> None:
@@ -276,9 +277,16 @@ class Encoder:
         changed: Collection[str] = (),
     ) -> bytes:
         """`manifest` as stored (see `BlockWriter.write` for `previous` and `changed`)."""
-        meta = json.dumps({"format": FORMAT, "version": header.version, "output_etag": header.output_etag})
+        blocks = self._rows.write(manifest, previous, changed)
+        meta = json.dumps(
+            {
+                "format": FORMAT, "version": header.version, "output_etag": header.output_etag,
+                "blocks": [[block.rows, len(block.data)] for block in blocks],
+            },
+            separators=(",", ":"),
+        )  # fmt: skip
         first = _member(meta.encode() + b"\n" + ",".join(COLUMNS).encode() + b"\n")
-        return b"".join([first, *self._rows.write(manifest, previous, changed)])
+        return b"".join([first, *(block.data for block in blocks)])
 
 
 def _member(data: bytes) -> bytes:
@@ -314,6 +322,121 @@ def from_bytes(data: bytes, now_ms: int) -> tuple[pd.DataFrame, ManifestHeader]:
     for name in ("kind", "status", "reason", "user_id"):
         frame[name] = _shared(frame[name])
     return frame, header
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A stored manifest as read, and what it shares with the one read before it."""
+
+    frame: pd.DataFrame
+    header: ManifestHeader
+    #: The manifest read before, when this one was read from the blocks it shares with it; then
+    #: `changed_users` are the users with a row in a block that is new here or gone since.
+    previous: pd.DataFrame | None = None
+    changed_users: np.ndarray | None = None
+
+
+class Decoder:
+    """Reads stored manifests, keeping the last one's blocks (by digest) so that the next read parses
+    only the blocks that are new: a follower that serves a commit which changed a few rows of a large
+    manifest does not parse it all again. Manifests without a block list (written by earlier
+    releases) are read whole."""
+
+    def __init__(self) -> None:
+        self._frame: pd.DataFrame | None = None
+        self._spans: dict[bytes, tuple[int, int]] = {}  # a block's digest -> its rows in `_frame`
+
+    def decode(self, data: bytes, now_ms: int) -> Decoded:
+        """`ManifestError` when it cannot be trusted (see `from_bytes`)."""
+        blocks = _blocks(data)
+        previous = self._frame
+        decoded = None
+        if blocks is not None and previous is not None:
+            try:
+                decoded = self._from_known_blocks(blocks, previous, now_ms)
+            except Exception:  # read it whole instead: that read says what is wrong
+                decoded = None
+        if decoded is None:
+            frame, header = from_bytes(data, now_ms)
+            decoded = Decoded(frame, header)
+        self._frame, self._spans = decoded.frame, {}
+        if blocks is not None and sum(rows for rows, _ in blocks[1]) == len(decoded.frame):
+            self._spans = _spans(blocks[1])
+        return decoded
+
+    def _from_known_blocks(self, blocks: _Blocks, previous: pd.DataFrame, now_ms: int) -> Decoded | None:
+        header, members = blocks
+        pieces: list[pd.DataFrame | tuple[int, int]] = []
+        fresh: list[pd.DataFrame] = []
+        reused = np.zeros(len(previous), dtype=bool)
+        for rows, member in members:
+            span = self._spans.get(_digest(member))
+            if span is not None and span[1] - span[0] == rows:
+                reused[span[0] : span[1]] = True
+                last = pieces[-1] if pieces else None
+                if isinstance(last, tuple) and last[1] == span[0]:  # contiguous: one slice
+                    pieces[-1] = (last[0], span[1])
+                else:
+                    pieces.append(span)
+                continue
+            piece = pd.read_csv(
+                io.BytesIO(zlib.decompress(member, 31)), names=COLUMNS, header=None, dtype=DTYPES,
+                keep_default_na=False, na_filter=False,
+            )  # fmt: skip
+            if len(piece) != rows:
+                return None
+            fresh.append(piece)
+            pieces.append(piece)
+        new_rows = pd.concat(fresh, ignore_index=True) if fresh else empty()
+        _check_rows(new_rows, now_ms)
+        for piece in fresh:
+            for name in ("kind", "status", "reason", "user_id"):
+                piece[name] = _shared(piece[name])
+        parts = [previous.iloc[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces]
+        frame = pd.concat(parts, ignore_index=True) if parts else empty()
+        if frame["key"].duplicated().any():
+            return None
+        users = np.concatenate([previous["user_id"].to_numpy()[~reused], new_rows["user_id"].to_numpy()])
+        return Decoded(frame, header, previous, pd.unique(users))
+
+
+_Blocks = tuple[ManifestHeader, list[tuple[int, memoryview]]]
+
+
+def _blocks(data: bytes) -> _Blocks | None:
+    """The header and each block's rows and compressed bytes, from the block list the header gives;
+    None when it gives none (or a list that does not add up): the manifest is then read whole."""
+    try:
+        head = zlib.decompressobj(31)
+        text = head.decompress(data, 1 << 20)  # the header member: a JSON line and the CSV header
+        if not head.eof:
+            return None
+        meta = json.loads(text.partition(b"\n")[0])
+        blocks = meta["blocks"]
+        header = ManifestHeader(version=int(meta["version"]), output_etag=str(meta["output_etag"]))
+        at = len(data) - len(head.unused_data)
+        members = []
+        view = memoryview(data)
+        for rows, size in blocks:
+            members.append((int(rows), view[at : at + int(size)]))
+            at += int(size)
+    except Exception:  # no usable block list: read it whole
+        return None
+    if meta.get("format") != FORMAT or at != len(data) or any(rows <= 0 for rows, _ in members):
+        return None
+    return header, members
+
+
+def _spans(members: list[tuple[int, memoryview]]) -> dict[bytes, tuple[int, int]]:
+    spans, at = {}, 0
+    for rows, member in members:
+        spans[_digest(member)] = (at, at + rows)
+        at += rows
+    return spans
+
+
+def _digest(member: memoryview) -> bytes:
+    return hashlib.blake2b(member, digest_size=16).digest()
 
 
 def _check_rows(frame: pd.DataFrame, now_ms: int) -> None:

@@ -110,7 +110,7 @@ class Writer:
 
     def write(self, table: pd.DataFrame, previous: pd.DataFrame | None = None, changed: Collection[str] = ()) -> bytes:
         """`table` as output.csv (see `BlockWriter.write` for `previous` and `changed`, user ids here)."""
-        return b"".join([_HEADER, *self._rows.write(table, previous, changed)])
+        return b"".join([_HEADER, *(block.data for block in self._rows.write(table, previous, changed))])
 
 
 _HEADER = ",".join(OUTPUT_COLUMNS).encode() + b"\n"

@@ -41,7 +41,7 @@ from service.events import SnapshotPublished
 from service.local_store import LocalStore
 from service.report import REJECTED_SAMPLE
 from service.rest import IMAGE_CHUNK_BYTES
-from service.storage import ObjectStore
+from service.storage import ObjectInfo, ObjectStore
 
 if TYPE_CHECKING:
     from conftest import ManyRejected
@@ -612,12 +612,12 @@ class HeldManifest(LocalStore):
         self.gate = asyncio.Event()
         self.held = 1
 
-    async def get(self, key: str, max_bytes: int | None = None) -> bytes:
-        data = await super().get(key, max_bytes)
+    async def get_with_info(self, key: str, max_bytes: int | None = None) -> tuple[ObjectInfo, bytes]:
+        found = await super().get_with_info(key, max_bytes)
         if key.endswith(".manifest") and self.held:
             self.held -= 1
             await self.gate.wait()  # a slow transfer: what arrives is the manifest as it was
-        return data
+        return found
 
 
 async def test_a_run_during_the_start_up_load_is_not_replaced_by_the_older_commit(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote_plus
 
+import pandas as pd
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from hypothesis import HealthCheck, settings
@@ -23,6 +24,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 from s3server import SeaweedServer, free_ports
 from support import BIRTHS, INVALID, NAMES, NEVER, ClientFactory, csv_of, encode, gql, seed, wait_ready, years_ago
 
+from service import blocks as bl
 from service import manifest as mf
 from service.aggregator import Aggregator, RunResult, Targets
 from service.app import create_app, scheduled_run
@@ -31,6 +33,7 @@ from service.errors import BadRequest, ObjectUnreadable, StorageError
 from service.intake import EventIntake
 from service.local_store import LocalStore
 from service.notifications import parse
+from service.output import derive
 from service.report import Outcome, RunKind, RunReport
 from service.runner import Runner
 from service.storage import ObjectInfo, ObjectStore
@@ -554,13 +557,18 @@ class EventsAgainstListings(RuleBasedStateMachine):
             self.store, src_prefix="src-data/", output_key="t/output.csv", concurrency=4, keep_blocks=True
         )
         self.full = Aggregator(self.store, src_prefix="src-data/", output_key="f/output.csv", concurrency=4)
+        # Reads every commit of the targeted one, as a follower does: block by block after the first.
+        self.follower = Aggregator(self.store, src_prefix="src-data/", output_key="t/output.csv", concurrency=4)
         self.keys: set[str] = set()
         self.touched: set[str] = set()
         self.folders: set[str] = set()
         self.seen: set[str] = set()
         self.random = random.Random(0)
+        self.block_rows = bl.BLOCK_ROWS
+        bl.BLOCK_ROWS = 2  # blocks of a few rows: commits and reads reuse some and redo others
 
     def teardown(self) -> None:
+        bl.BLOCK_ROWS = self.block_rows
         self.loop.close()
         shutil.rmtree(self.root, ignore_errors=True)
 
@@ -621,6 +629,12 @@ class EventsAgainstListings(RuleBasedStateMachine):
         assert list(targeted.rejected.keys) == list(full.rejected.keys)
         assert list(targeted.rejected.reasons) == list(full.rejected.reasons)
         assert targeted.report.conflicts == full.report.conflicts
+        followed = self._do(self.follower.load_committed())
+        assert followed is not None and followed.version == targeted.report.output_version
+        pd.testing.assert_frame_equal(followed.table, targeted.table)
+        manifest = self._manifest("t/output.csv")
+        pd.testing.assert_frame_equal(followed.table, derive(manifest))
+        assert list(followed.rejected.keys) == sorted(manifest.loc[manifest["status"] == mf.REJECTED, "key"])
         assert (targeted.report.added, targeted.report.updated, targeted.report.removed) == (
             full.report.added, full.report.updated, full.report.removed,
         )  # fmt: skip

@@ -244,11 +244,58 @@ def test_a_commit_encodes_only_the_blocks_of_the_rows_it_changed(monkeypatch: py
     frame, header = mf.from_bytes(data, NOW)
     assert header == mf.ManifestHeader(2, "y")
     pd.testing.assert_frame_equal(frame, after)
-    assert gzip.decompress(data) == gzip.decompress(mf.to_bytes(after, mf.ManifestHeader(2, "y")))
+    afresh = mf.to_bytes(after, mf.ManifestHeader(2, "y"))
+    assert gzip.decompress(data).partition(b"\n")[2] == gzip.decompress(afresh).partition(b"\n")[2]  # the CSV
 
     encoded.clear()  # not the manifest it encoded last: every block is encoded
     encoder.encode(after, mf.ManifestHeader(3, "z"), previous=before, changed=changed)
     assert len(encoded) == 1 + len(bl.block_ends(after["key"].to_numpy(dtype=object)))
+
+
+def test_a_reader_parses_only_the_blocks_it_has_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commits read one after the other: the rows of known blocks are reused, the result equals a
+    whole read, and every user whose rows changed is named."""
+    monkeypatch.setattr(bl, "BLOCK_ROWS", 4)
+    parsed: list[int] = []
+    read_csv = pd.read_csv
+    monkeypatch.setattr(pd, "read_csv", lambda *a, **k: (frame := read_csv(*a, **k), parsed.append(len(frame)))[0])
+    encoder, decoder = mf.Encoder(keep=True), mf.Decoder()
+    keys = [f"s/{i:04d}.csv" for i in range(200)]
+    manifest = manifest_of(keys)
+    data = encoder.encode(manifest, mf.ManifestHeader(1, "x"))
+    first = decoder.decode(data, NOW)
+    assert first.previous is None  # the first read is whole
+    last = first.frame
+    rng = np.random.default_rng(7)
+    for version in range(2, 8):
+        gone = set(rng.choice(manifest["key"].to_numpy(), 3, replace=False).tolist())
+        edited = set(rng.choice(manifest["key"].to_numpy(), 3, replace=False).tolist()) - gone
+        added = {f"s/{version}-{i}.csv" for i in range(3)}
+        kept = manifest[~manifest["key"].isin(gone | edited)]
+        after = pd.concat([kept, manifest_of(sorted(edited | added), name=f"V{version}")])
+        after = after.sort_values("key", ignore_index=True)
+        data = encoder.encode(after, mf.ManifestHeader(version, "x"), previous=manifest, changed=gone | edited | added)
+        parsed.clear()
+        decoded = decoder.decode(data, NOW)
+        assert decoded.previous is last
+        assert 0 < sum(parsed) <= 9 * 3 * 4  # at most the blocks of the nine changed rows were parsed
+        pd.testing.assert_frame_equal(decoded.frame, after)
+        pd.testing.assert_frame_equal(decoded.frame, mf.from_bytes(data, NOW)[0])
+        assert decoded.header == mf.ManifestHeader(version, "x")
+        changed_users = {k.rpartition("/")[2].rpartition(".")[0] for k in gone | edited | added}
+        assert decoded.changed_users is not None and changed_users <= set(decoded.changed_users.tolist())
+        manifest, last = after, decoded.frame
+
+
+def test_a_manifest_without_a_block_list_is_read_whole() -> None:
+    manifest = manifest_of([f"s/{i}.csv" for i in range(5)])
+    text = gzip.decompress(mf.to_bytes(manifest, mf.ManifestHeader(4, "e")))
+    older = gz(b'{"format": 2, "version": 4, "output_etag": "e"}\n' + text.partition(b"\n")[2])
+    decoder = mf.Decoder()
+    for _ in range(2):
+        decoded = decoder.decode(older, NOW)
+        assert decoded.previous is None and decoded.header == mf.ManifestHeader(4, "e")
+        pd.testing.assert_frame_equal(decoded.frame, manifest)
 
 
 AWKWARD = ["NA", "null", "", "a,b", 'q"uote', "new\nline", "cr\rlf", "  spaced  ", "ünï", "1e5", "True"]
