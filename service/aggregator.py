@@ -12,7 +12,7 @@ import array
 import asyncio
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -344,6 +344,15 @@ class Aggregator:
         self._version = max(self._version, header.version)
         return manifest, header, etag
 
+    def _encode(
+        self, manifest: pd.DataFrame, header: mf.ManifestHeader, previous: pd.DataFrame | None, changed: Collection[str]
+    ) -> bytes:
+        """Encode a manifest to commit; the decoder then knows its blocks (and holds no older manifest)."""
+        data = self._manifest_encoder.encode(manifest, header, previous, changed)
+        with self._decoding:
+            self._decoder.remember(manifest, data)
+        return data
+
     def _decode(self, data: bytes, now_ms: int) -> mf.Decoded:
         """Decode a stored manifest (in a worker thread: the runner and the follower may both read)."""
         with self._decoding:
@@ -555,11 +564,7 @@ class Aggregator:
         if written or computed.manifest_changed or self._committed is None:
             keys, known = computed.changed_keys, computed.changed_keys is not None
             data = await asyncio.to_thread(
-                self._manifest_encoder.encode,
-                computed.manifest,
-                new_header,
-                state.manifest if known else None,
-                keys or (),
+                self._encode, computed.manifest, new_header, state.manifest if known else None, keys or ()
             )
             manifest_etag = await self._put(
                 self.manifest_key, data, "application/gzip", state.started_from.manifest, fence

@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 
-BLOCK_ROWS = 64
+BLOCK_ROWS = 32
 """Rows in a block, on average: smaller blocks mean less to redo for scattered changes, more blocks."""
 
 

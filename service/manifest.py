@@ -359,44 +359,59 @@ class Decoder:
         if decoded is None:
             frame, header = from_bytes(data, now_ms)
             decoded = Decoded(frame, header)
-        self._frame, self._spans = decoded.frame, {}
-        if blocks is not None and sum(rows for rows, _ in blocks[1]) == len(decoded.frame):
-            self._spans = _spans(blocks[1])
+        self._remember(decoded.frame, blocks)
         return decoded
 
+    def remember(self, manifest: pd.DataFrame, data: bytes) -> None:
+        """Take `manifest`, stored as `data` (this process wrote it), as the one read last."""
+        self._remember(manifest, _blocks(data))
+
+    def _remember(self, frame: pd.DataFrame, blocks: _Blocks | None) -> None:
+        self._frame, self._spans = frame, {}
+        if blocks is not None and sum(rows for rows, _ in blocks[1]) == len(frame):
+            self._spans = _spans(blocks[1])
+
     def _from_known_blocks(self, blocks: _Blocks, previous: pd.DataFrame, now_ms: int) -> Decoded | None:
+        """The manifest from the rows of `previous` for the blocks read before, and the new blocks
+        parsed together (one parse, however scattered they are); None when they do not add up."""
         header, members = blocks
-        pieces: list[pd.DataFrame | tuple[int, int]] = []
-        fresh: list[pd.DataFrame] = []
+        order: list[np.ndarray] = []  # row positions in `previous` followed by the new rows
+        texts: list[bytes] = []
         reused = np.zeros(len(previous), dtype=bool)
+        fresh_rows = 0
         for rows, member in members:
             span = self._spans.get(_digest(member))
             if span is not None and span[1] - span[0] == rows:
                 reused[span[0] : span[1]] = True
-                last = pieces[-1] if pieces else None
-                if isinstance(last, tuple) and last[1] == span[0]:  # contiguous: one slice
-                    pieces[-1] = (last[0], span[1])
-                else:
-                    pieces.append(span)
-                continue
-            piece = pd.read_csv(
-                io.BytesIO(zlib.decompress(member, 31)), names=COLUMNS, header=None, dtype=DTYPES,
+                order.append(np.arange(span[0], span[1]))
+            else:
+                texts.append(zlib.decompress(member, 31))
+                order.append(np.arange(len(previous) + fresh_rows, len(previous) + fresh_rows + rows))
+                fresh_rows += rows
+        fresh = empty()
+        if texts:
+            fresh = pd.read_csv(
+                io.BytesIO(b"".join(texts)), names=COLUMNS, header=None, dtype=DTYPES,
                 keep_default_na=False, na_filter=False,
             )  # fmt: skip
-            if len(piece) != rows:
-                return None
-            fresh.append(piece)
-            pieces.append(piece)
-        new_rows = pd.concat(fresh, ignore_index=True) if fresh else empty()
-        _check_rows(new_rows, now_ms)
-        for piece in fresh:
-            for name in ("kind", "status", "reason", "user_id"):
-                piece[name] = _shared(piece[name])
-        parts = [previous.iloc[p[0] : p[1]] if isinstance(p, tuple) else p for p in pieces]
-        frame = pd.concat(parts, ignore_index=True) if parts else empty()
+        if len(fresh) != fresh_rows:
+            return None
+        _check_rows(fresh, now_ms)
+        for name in ("kind", "status", "reason", "user_id"):
+            fresh[name] = _shared(fresh[name])
+        both = pd.concat([previous, fresh], ignore_index=True) if len(fresh) else previous
+        frame = both.take(np.concatenate(order) if order else np.zeros(0, dtype=np.intp)).reset_index(drop=True)
         if frame["key"].duplicated().any():
             return None
-        users = np.concatenate([previous["user_id"].to_numpy()[~reused], new_rows["user_id"].to_numpy()])
+        # A new block holds a few changed rows among unchanged ones: the changed users are those of
+        # rows that are new or differ, and of rows that are gone.
+        at = positions(previous["key"], fresh["key"].to_numpy())
+        same = at >= 0
+        for name in COLUMNS[1:]:
+            same[same] &= previous[name].to_numpy()[at[same]] == fresh[name].to_numpy()[same]
+        kept = reused.copy()
+        kept[at[same]] = True
+        users = np.concatenate([previous["user_id"].to_numpy()[~kept], fresh["user_id"].to_numpy()[~same]])
         return Decoded(frame, header, previous, pd.unique(users))
 
 
