@@ -331,7 +331,7 @@ class Decoded:
     frame: pd.DataFrame
     header: ManifestHeader
     #: The manifest read before, when this one was read from the blocks it shares with it; then
-    #: `changed_users` are the users with a row in a block that is new here or gone since.
+    #: `changed_users` are the users with a row that is new, different or gone since.
     previous: pd.DataFrame | None = None
     changed_users: np.ndarray | None = None
 
