@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -45,6 +46,7 @@ class LeaseRecord:
     run: int
     acquired: datetime
     expires: datetime
+    token: str = ""  # the writing process's own: two processes that share a replica name differ
 
     def to_bytes(self) -> bytes:
         return json.dumps(
@@ -53,6 +55,7 @@ class LeaseRecord:
                 "run": self.run,
                 "acquired": self.acquired.isoformat(),
                 "expires": self.expires.isoformat(),
+                "token": self.token,
             }
         ).encode()
 
@@ -66,6 +69,7 @@ class LeaseRecord:
                 run=int(fields["run"]),
                 acquired=datetime.fromisoformat(fields["acquired"]),
                 expires=datetime.fromisoformat(fields["expires"]),
+                token=str(fields.get("token", "")),
             )
         except (ValueError, KeyError, TypeError):
             return None
@@ -87,6 +91,8 @@ class Lease:
         self.replica = replica
         self.ttl = timedelta(seconds=ttl)
         self._clock = clock
+        self.token = secrets.token_hex(8)
+        self._warned: set[str] = set()  # other processes' tokens already warned about
         self.on_change: Callable[[str], None] | None = None  # "acquired", then "released" or "lost"
 
     @contextlib.asynccontextmanager
@@ -117,9 +123,11 @@ class Lease:
     async def _take(self, run_id: int) -> tuple[LeaseRecord, str]:
         current, etag = await self._read()
         now = self._clock()
-        if current is not None and current.expires > now and current.replica != self.replica:
-            raise LeaseBusy(current)
-        record = LeaseRecord(self.replica, run_id, now, now + self.ttl)
+        if current is not None and current.expires > now:
+            if current.replica != self.replica:
+                raise LeaseBusy(current)
+            self._warn_if_shared(current)
+        record = LeaseRecord(self.replica, run_id, now, now + self.ttl, self.token)
         try:
             new_etag = await self.write(record, etag)
         except PreconditionFailed:
@@ -127,6 +135,18 @@ class Lease:
             latest, _ = await self._read()
             raise LeaseBusy(latest or record) from None
         return record, new_etag
+
+    def _warn_if_shared(self, current: LeaseRecord) -> None:
+        """The unexpired lease names this replica but another process wrote it: say so, once per process.
+        The run goes on (commits are conditional writes, so neither process overwrites the other's)."""
+        if current.token and current.token != self.token and current.token not in self._warned:
+            self._warned.add(current.token)
+            logger.warning(
+                "the lease names replica %r but another process wrote it (run %d, until %s): two processes "
+                "share REPLICA_ID, or this one restarted within LEASE_TTL. Commits stay safe, but replicas "
+                "that share a name do not wait for each other: give each its own REPLICA_ID",
+                self.replica, current.run, current.expires.isoformat(),
+            )  # fmt: skip
 
     def now(self) -> datetime:
         return self._clock()
@@ -139,12 +159,9 @@ class Lease:
 
     async def _read(self) -> tuple[LeaseRecord | None, str | None]:
         try:
-            info = await self._store.stat(self.key)
-            data = await self._store.get(self.key)
+            info, data = await self._store.get_with_info(self.key)  # one request: the ETag of this body
         except ObjectNotFound:
             return None, None
-        # The ETag read with the stat may be older than the body: a write in between makes the
-        # conditional write that follows fail, which is the safe outcome.
         return LeaseRecord.from_bytes(data), info.etag
 
     def _changed(self, event: str) -> None:
@@ -192,7 +209,7 @@ class Holding:
         if self.record.expires <= now:
             self._lost = "the lease expired before it could be renewed"
             return
-        record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now + lease.ttl)
+        record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now + lease.ttl, lease.token)
         try:
             self._etag = await lease.write(record, self._etag)
         except PreconditionFailed:
@@ -210,6 +227,6 @@ class Holding:
             return
         lease = self._lease
         now = lease.now()
-        record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now)
+        record = LeaseRecord(lease.replica, self.record.run, self.record.acquired, now, lease.token)
         with contextlib.suppress(StorageError):  # it expires by itself anyway
             await lease.write(record, self._etag)

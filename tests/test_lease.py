@@ -106,3 +106,16 @@ async def test_an_unreadable_lease_object_counts_as_free(store: ObjectStore) -> 
     await store.put(KEY, b"not a lease")
     async with lease(store, "a").hold(3) as holding:
         assert holding.record.run == 3
+
+
+async def test_two_processes_that_share_a_replica_name_are_warned_about(
+    store: ObjectStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    first, second = lease(store, "same"), lease(store, "same")
+    async with first.hold(1), second.hold(2):  # the lease names this replica: taken, but not silently
+        pass
+    warnings = [r for r in caplog.records if "share REPLICA_ID" in r.getMessage()]
+    assert len(warnings) == 1 and "'same'" in warnings[0].getMessage()
+    async with first.hold(3), first.hold(4):  # a process's own lease: no warning
+        pass
+    assert len([r for r in caplog.records if "share REPLICA_ID" in r.getMessage()]) == 1
