@@ -332,7 +332,7 @@ async def test_store_unreachable_mid_life_fails_the_run_reports_no_endpoint_and_
     last = (await gql(client, "{ lastRun { outcome error } }"))["data"]["lastRun"]
     assert last == {"outcome": "FAILED", "error": report["error"]}
     # The run's first request is for the lease beside the output.
-    assert report["error"] == f"object store error: cannot stat '{OUTPUT}.lease': timed out (1s)"
+    assert report["error"] == f"object store error: cannot read '{OUTPUT}.lease': timed out (1s)"
     host, _, port = proxy.endpoint.partition(":")
     assert host not in report["error"] and port not in report["error"]
     assert proxy.endpoint in caplog.text  # the log says where
