@@ -25,6 +25,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -44,9 +45,9 @@ def aggregator(store: LocalStore, output_key: str, *, keep_blocks: bool) -> Aggr
     return Aggregator(store, src_prefix=PREFIX, output_key=output_key, concurrency=64, keep_blocks=keep_blocks)
 
 
-async def timed(coroutine: object) -> float:
+async def timed(awaitable: Awaitable[object]) -> float:
     began = time.perf_counter()
-    await coroutine  # type: ignore[misc]
+    await awaitable
     return time.perf_counter() - began
 
 
@@ -73,8 +74,8 @@ async def bench(args: argparse.Namespace, root: Path) -> None:
         times["follower"].append(await timed(follower.load_committed()))
         fresh = aggregator(store, "kept/output.csv", keep_blocks=False)
         times["fresh reader"].append(await timed(fresh.load_committed()))
-    committed = await follower.load_committed()
-    assert committed is not None and committed.table.equals((await afresh.load_committed()).table)  # type: ignore[union-attr]
+    followed, written = await follower.load_committed(), await afresh.load_committed()
+    assert followed is not None and written is not None and followed.table.equals(written.table)
     median = {name: statistics.median(values) for name, values in times.items()}
     rows = [
         ["targeted run, changed blocks kept", median["kept"], median["afresh"], median["afresh"] / median["kept"]],

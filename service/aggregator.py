@@ -409,7 +409,9 @@ class Aggregator:
         found, named_keys = results.misnamed, set(keys)
         kept = {k: v for k, v in self._misnamed.items() if k not in named_keys and not k.startswith(prefixes)}
         listed = len(fresh) + ignored
-        return _Scan(fresh, results, listed, ignored - len(found), RunKind.TARGETED, kept | found, replaced)
+        return _Scan(
+            fresh, results, listed, ignored - len(found), RunKind.TARGETED, kept | found, _Replaced(replaced, before)
+        )
 
     def _relevant(self, targets: Targets) -> tuple[list[str], tuple[str, ...]] | None:
         """The named keys and folders under the prefix that can change the view; None when a folder
@@ -625,7 +627,15 @@ class _Scan:
     misnamed: dict[str, str]  # every misnamed source key known after this run: key -> why
     #: A targeted run's rows of the previous manifest that `listing` replaces (it holds only those keys
     #: as they are now); None for a full run, whose `listing` is the whole prefix.
-    replaced: np.ndarray | None = None
+    replaced: _Replaced | None = None
+
+
+@dataclass(frozen=True)
+class _Replaced:
+    """The rows of the previous manifest that a targeted run looked at again: where, and what they were."""
+
+    mask: np.ndarray
+    rows: pd.DataFrame
 
 
 def _splice(kept: pd.DataFrame, fresh: pd.DataFrame, by: str = "key") -> pd.DataFrame:
@@ -685,7 +695,7 @@ def _compute(listing: pd.DataFrame, state: _State, fresh: pd.DataFrame, misnamed
 
 
 def _compute_targeted(
-    listing: pd.DataFrame, replaced: np.ndarray, state: _State, fresh: pd.DataFrame, misnamed: dict[str, str]
+    listing: pd.DataFrame, replaced: _Replaced, state: _State, fresh: pd.DataFrame, misnamed: dict[str, str]
 ) -> _Computed:
     """`_compute` for a targeted run, at a cost that grows with the keys it named, not the bucket.
 
@@ -693,10 +703,10 @@ def _compute_targeted(
     named rows are merged alone, and only the output rows of the users they belong to (before or now)
     are derived again. The result equals `_compute` over the whole listing (a property test checks it).
     """
-    before = state.manifest[replaced].reset_index(drop=True)
+    before = replaced.rows
     rows = mf.merge(listing, before, fresh)
     manifest_changed = not _same_rows(before, rows)
-    manifest = _splice(state.manifest[~replaced], rows) if manifest_changed else state.manifest
+    manifest = _splice(state.manifest[~replaced.mask], rows) if manifest_changed else state.manifest
     previous = state.previous_output
     users: np.ndarray = np.empty(0, dtype=object)
     conflicts = state.previous_conflicts
